@@ -1,0 +1,10 @@
+"""Fused Triton kernels for HiDiffusion (MSW-MSA window attention, RAU-Net convolutions).
+
+Every op is inference-only, registered with torch.library, and has a plain PyTorch twin in
+``hidiff_kernels.reference``. CUDA tensors run the Triton kernel; CPU tensors run it through the
+Triton interpreter when TRITON_INTERPRET=1, and the reference otherwise.
+"""
+from . import reference
+from ._common import interpreter_enabled, triton_runs_on
+
+__all__ = ["reference", "interpreter_enabled", "triton_runs_on"]

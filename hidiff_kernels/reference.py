@@ -1,0 +1,35 @@
+"""Plain PyTorch reference implementations of every hidiff op.
+
+They are the oracle for the parity tests and the fallback where Triton cannot run. Each follows the
+original HiDiffusion code path step by step (roll, partition, attention, merge, roll back; conv
+calls with the RAU-Net arguments), except that odd feature maps use uneven windows instead of the
+original's bicubic resize.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from ._common import check_msw_args
+
+
+def msw_attention(q, k, v, size, shift, scale=None):
+    """Attention of each token with the tokens of its window in the 2x2 grid of the shifted map.
+
+    q, k, v: [B, N, heads, head_dim] with N == H * W tokens in row-major order. The map is rolled by
+    (-sh, -sw), split at ceil(H/2) and ceil(W/2) into 4 windows, each attends within itself, and the
+    result is rolled back. Returns [B, N, heads, head_dim] in q's dtype.
+    """
+    (H, W), (sh, sw), scale = check_msw_args("reference.msw_attention", q, k, v, size, shift, scale)
+    rolled = [torch.roll(rearrange(t, "b (y x) h d -> b y x h d", y=H), (-sh, -sw), dims=(1, 2)) for t in (q, k, v)]
+    out = torch.empty_like(rolled[0])
+    wh, ww = math.ceil(H / 2), math.ceil(W / 2)
+    for rows in (slice(0, wh), slice(wh, H)):
+        for cols in (slice(0, ww), slice(ww, W)):
+            window = [rearrange(t[:, rows, cols], "b y x h d -> b h (y x) d") for t in rolled]
+            if window[0].shape[2] == 0:  # H or W == 1: the second row/column range is empty
+                continue
+            attended = F.scaled_dot_product_attention(*window, scale=scale)
+            out[:, rows, cols] = rearrange(attended, "b h (y x) d -> b y x h d", y=rows.indices(H)[1] - rows.indices(H)[0])
+    return rearrange(torch.roll(out, (sh, sw), dims=(1, 2)), "b y x h d -> b (y x) h d")
