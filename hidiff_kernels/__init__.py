@@ -6,5 +6,7 @@ Triton interpreter when TRITON_INTERPRET=1, and the reference otherwise.
 """
 from . import reference
 from ._common import interpreter_enabled, triton_runs_on
+from .ops.msw_attention import msw_attention
+from .ops.rau_conv import rau_downsample_conv, upsample_conv
 
-__all__ = ["reference", "interpreter_enabled", "triton_runs_on"]
+__all__ = ["reference", "interpreter_enabled", "triton_runs_on", "msw_attention", "rau_downsample_conv", "upsample_conv"]

@@ -5,6 +5,7 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256  # the attention kernel keeps a whole head vector per token in one tile
 
 
 def interpreter_enabled() -> bool:
@@ -52,6 +53,8 @@ def check_msw_args(op, q, k, v, size, shift, scale):
     B, N, heads, head_dim = q.shape
     if min(B, N, heads, head_dim) == 0:
         raise ValueError(f"{op}: empty input of shape {tuple(q.shape)}")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head_dim {head_dim} is larger than the supported {MAX_HEAD_DIM}")
     H, W = _pair(op, "size", size)
     sh, sw = _pair(op, "shift", shift)
     if H < 1 or W < 1 or H * W != N:
@@ -72,3 +75,46 @@ def _pair(op, name, value):
     if not all(isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool) for x in value):
         raise TypeError(f"{op}: {name} must be a pair of ints, got {value!r}")
     return int(value[0]), int(value[1])
+
+
+def check_conv_args(op, x, weight, bias, upsample=False, size=None, scale_factor=None):
+    """Validate a RAU-Net 3x3 conv: x [B, Ci, H, W], weight [Co, Ci, 3, 3], bias [Co] or None.
+
+    Returns ((Ho, Wo), factors): the output size (ceil(H/4) x ceil(W/4) for the RAD-conv, the
+    nearest-upsampled size for the upsampling conv) and the scale factors as two floats when
+    `scale_factor` was given (else None). The upsampling conv needs exactly one of size / scale_factor.
+    """
+    check_tensors(op, x=x, weight=weight, **({} if bias is None else {"bias": bias}))
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be [B, C, H, W], got shape {tuple(x.shape)}")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"{op}: weight must be [Co, Ci, 3, 3], got shape {tuple(weight.shape)}")
+    if x.numel() == 0 or weight.numel() == 0:
+        raise ValueError(f"{op}: empty input: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    Co, Ci, H, W = weight.shape[0], x.shape[1], x.shape[2], x.shape[3]
+    if weight.shape[1] != Ci:
+        grouped = Ci % weight.shape[1] == 0
+        raise ValueError(
+            f"{op}: weight expects {weight.shape[1]} input channels but x has {Ci}"
+            + (" (grouped convolutions are not supported)" if grouped else "")
+        )
+    if bias is not None and tuple(bias.shape) != (Co,):
+        raise ValueError(f"{op}: bias must be [{Co}], got shape {tuple(bias.shape)}")
+    if not upsample:
+        return ((H + 3) // 4, (W + 3) // 4), None
+    if (size is None) == (scale_factor is None):
+        raise ValueError(f"{op}: give exactly one of size and scale_factor")
+    if size is not None:
+        out = _pair(op, "size", size if isinstance(size, (tuple, list, torch.Size)) else (size, size))
+        if min(out) < 1:
+            raise ValueError(f"{op}: size must be positive, got {size!r}")
+        return out, None
+    factors = tuple(scale_factor) if isinstance(scale_factor, (tuple, list)) else (scale_factor, scale_factor)
+    if len(factors) != 2 or not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in factors):
+        raise TypeError(f"{op}: scale_factor must be a float or a pair of floats, got {scale_factor!r}")
+    if not all(math.isfinite(f) and f > 0 for f in factors):
+        raise ValueError(f"{op}: scale_factor must be positive and finite, got {scale_factor!r}")
+    out = (math.floor(H * factors[0]), math.floor(W * factors[1]))  # F.interpolate's output size
+    if min(out) < 1:
+        raise ValueError(f"{op}: scale_factor {scale_factor!r} gives an empty output from {H}x{W}")
+    return out, (float(factors[0]), float(factors[1]))

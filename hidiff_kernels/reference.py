@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._common import check_msw_args
+from ._common import check_conv_args, check_msw_args
 
 
 def msw_attention(q, k, v, size, shift, scale=None):
@@ -33,3 +33,15 @@ def msw_attention(q, k, v, size, shift, scale=None):
             attended = F.scaled_dot_product_attention(*window, scale=scale)
             out[:, rows, cols] = rearrange(attended, "b h (y x) d -> b y x h d", y=rows.indices(H)[1] - rows.indices(H)[0])
     return rearrange(torch.roll(out, (sh, sw), dims=(1, 2)), "b y x h d -> b (y x) h d")
+
+
+def rau_downsample_conv(x, weight, bias=None):
+    """RAD-conv: the downsampler's 3x3 conv run with stride 4, padding 2, dilation 2 (ceil(H/4) x ceil(W/4))."""
+    check_conv_args("reference.rau_downsample_conv", x, weight, bias)
+    return F.conv2d(x, weight, bias, stride=4, padding=2, dilation=2)
+
+
+def upsample_conv(x, weight, bias=None, size=None, scale_factor=None):
+    """RAU-upsample: nearest-neighbour upsample to `size` (or by `scale_factor`), then the 3x3 conv, padding 1."""
+    check_conv_args("reference.upsample_conv", x, weight, bias, upsample=True, size=size, scale_factor=scale_factor)
+    return F.conv2d(F.interpolate(x, size=size, scale_factor=scale_factor, mode="nearest"), weight, bias, padding=1)

@@ -4,6 +4,16 @@ import zlib
 import pytest
 import torch
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models and small kernels: one intra-op thread avoids OpenMP spin-waits, which make CPU runs tens
+    of times slower when the cores are shared, and keeps float rounding independent of the core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Every test draws fresh random inputs, but from a fixed seed per test so failures reproduce.
 @pytest.fixture(autouse=True)
 def _seed(request):

@@ -1,0 +1,115 @@
+"""MSW-MSA speed: the fused kernel vs HiDiffusion's original path, FlexAttention and global SDPA.
+
+    pytest benchmarks/bench_msw_attention.py      # pytest-benchmark suite, grouped by shape
+    python benchmarks/bench_msw_attention.py      # table: median ms, useful TFLOP/s, speed-up vs original
+
+Shapes are the highest-resolution attention blocks of SD1.5 (8 heads x 40) and SDXL (10 heads x 64)
+at 128x128 and 256x256 tokens. Without CUDA one tiny shape runs on CPU: that times the Triton
+interpreter (TRITON_INTERPRET=1) or the reference fallback, not kernel performance.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+import hidiff_kernels
+from hidiff_kernels.benchmarking import median_ms
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+CPU_LABEL = "cpu-interpreter" if hidiff_kernels.interpreter_enabled() else "cpu-reference"
+
+# (label, B, H, W, heads, head_dim)
+SHAPES = [
+    ("sd15-128x128", 2, 128, 128, 8, 40),
+    ("sd15-256x256", 2, 256, 256, 8, 40),
+    ("sdxl-128x128", 2, 128, 128, 10, 64),
+    ("sdxl-256x256", 2, 256, 256, 10, 64),
+] if CUDA else [(f"tiny-{CPU_LABEL}", 1, 8, 8, 2, 16)]
+DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float32]
+IMPLS = ["fused", "original", "flex", "sdpa_global"] if CUDA else ["fused", "original", "sdpa_global"]
+
+
+def original_path_msw_attention(q, k, v, size, shift, scale=None):
+    """HiDiffusion's own route (even H, W): roll, partition into 4 windows, one batched SDPA, reverse, roll back."""
+    (H, W), (sh, sw) = size, shift
+    B, N, heads, d = q.shape
+
+    def partition(t):
+        t = torch.roll(t.reshape(B, H, W, heads, d), (-sh, -sw), dims=(1, 2))
+        return rearrange(t, "b (wy y) (wx x) h d -> (b wy wx) h (y x) d", wy=2, wx=2)
+
+    out = F.scaled_dot_product_attention(partition(q), partition(k), partition(v), scale=scale)
+    out = rearrange(out, "(b wy wx) h (y x) d -> b (wy y) (wx x) h d", wy=2, wx=2, y=H // 2)
+    return torch.roll(out, (sh, sw), dims=(1, 2)).reshape(B, N, heads, d)
+
+
+def window_ids(H, W, sh, sw, device):
+    """Window (0..3) of each original token: label the rolled map's windows, roll the labels back."""
+    rows = (torch.arange(H, device=device) >= math.ceil(H / 2)).int()
+    cols = (torch.arange(W, device=device) >= math.ceil(W / 2)).int()
+    return torch.roll(rows[:, None] * 2 + cols[None, :], (sh, sw), dims=(0, 1)).flatten()
+
+
+def useful_flops(B, H, W, heads, d):
+    """4 * B * heads * d * sum over windows of (window tokens)^2: the two matmuls of windowed attention."""
+    wh, ww = math.ceil(H / 2), math.ceil(W / 2)
+    windows = [rows * cols for rows in (wh, H - wh) for cols in (ww, W - ww)]
+    return 4 * B * heads * d * sum(n * n for n in windows)
+
+
+def make_impl(name, q, k, v, size, shift):
+    """A zero-argument callable for one implementation (global SDPA attends over all tokens: a speed yardstick)."""
+    if name == "fused":
+        return lambda: hidiff_kernels.msw_attention(q, k, v, size, shift)
+    if name == "original":
+        return lambda: original_path_msw_attention(q, k, v, size, shift)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, N, d], as SDPA / flex take them
+    if name == "sdpa_global":
+        return lambda: F.scaled_dot_product_attention(qt, kt, vt)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    ids = window_ids(*size, *shift, q.device)
+    N = q.shape[1]
+    block_mask = create_block_mask(lambda b, h, qi, ki: ids[qi] == ids[ki], None, None, N, N, device=q.device)
+    flex = torch.compile(flex_attention)
+    return lambda: flex(qt, kt, vt, block_mask=block_mask)
+
+
+def inputs(B, H, W, heads, d, dtype):
+    return [torch.randn(B, H * W, heads, d, device=DEVICE, dtype=dtype) for _ in range(3)]
+
+
+def phase1_shift(H, W):
+    return math.ceil(H / 2) // 4, math.ceil(W / 2) // 4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("label,B,H,W,heads,d", SHAPES, ids=[s[0] for s in SHAPES])
+def test_msw_attention_speed(benchmark, label, B, H, W, heads, d, dtype, impl):
+    q, k, v = inputs(B, H, W, heads, d, dtype)
+    fn = make_impl(impl, q, k, v, (H, W), phase1_shift(H, W))
+    sync = torch.cuda.synchronize if CUDA else (lambda: None)
+    benchmark.group = f"{label} {dtype}"
+    with torch.inference_mode():
+        benchmark.pedantic(lambda: (fn(), sync()), warmup_rounds=3, rounds=20 if CUDA else 3)
+    benchmark.extra_info["useful_TFLOP/s"] = useful_flops(B, H, W, heads, d) / benchmark.stats.stats.median / 1e12
+
+
+def main():
+    print(f"{'shape':22s} {'dtype':15s} {'impl':12s} {'median ms':>10s} {'TFLOP/s':>8s} {'vs original':>11s}")
+    with torch.inference_mode():
+        for label, B, H, W, heads, d in SHAPES:
+            for dtype in DTYPES:
+                q, k, v = inputs(B, H, W, heads, d, dtype)
+                times = {name: median_ms(make_impl(name, q, k, v, (H, W), phase1_shift(H, W)), DEVICE) for name in IMPLS}
+                for name, ms in times.items():
+                    tflops = useful_flops(B, H, W, heads, d) / (ms * 1e-3) / 1e12
+                    print(f"{label:22s} {str(dtype):15s} {name:12s} {ms:10.3f} {tflops:8.1f} {times['original'] / ms:10.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The fused MSW-MSA Triton kernel against the reference op (on CPU through the Triton interpreter)."""
+import math
+
+import pytest
+import torch
+from conftest import requires_interpreter
+
+import hidiff_kernels
+from hidiff_kernels import reference
+from hidiff_kernels.ops import msw_attention as msw_module
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def qkv(B, H, W, heads, head_dim, dtype=torch.float32, magnitude=1.0):
+    return [torch.randn(B, H * W, heads, head_dim, dtype=dtype, device=DEVICE) * magnitude for _ in range(3)]
+
+
+def expected(q, k, v, size, shift, scale=None):
+    """The reference in fp32 (fp16/bf16 inputs upcast: the oracle should not round like the kernel does)."""
+    return reference.msw_attention(q.float(), k.float(), v.float(), size, shift, scale)
+
+
+def window_of_each_token(H, W, sh, sw):
+    """Window id (0..3) of every original token: label the rolled map's 4 windows, roll the labels back."""
+    rows = (torch.arange(H) >= math.ceil(H / 2)).long()
+    cols = (torch.arange(W) >= math.ceil(W / 2)).long()
+    labels = rows[:, None] * 2 + cols[None, :]
+    return torch.roll(labels, (sh, sw), dims=(0, 1)).flatten()
+
+
+def shifts(H, W):
+    """The 4 MSW-MSA shift phases plus two arbitrary shifts."""
+    wh, ww = math.ceil(H / 2), math.ceil(W / 2)
+    return sorted({(wh // 4 * k, ww // 4 * k) for k in range(4)} | {(H - 1, W // 3), (H // 2, W - 1)})
+
+
+CASES = [  # (B, H, W, heads, head_dim): odd maps, 1 x N, N x 1, 1 x 1, windows of 2 interpreter tiles (16 tokens)
+    (1, 5, 7, 2, 40),
+    (2, 9, 6, 1, 64),
+    (1, 1, 11, 2, 24),
+    (1, 11, 1, 1, 80),
+    (1, 1, 1, 1, 40),
+    (1, 11, 9, 1, 72),
+]
+
+
+@requires_interpreter
+@pytest.mark.parametrize("B,H,W,heads,head_dim", CASES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+def test_matches_reference(B, H, W, heads, head_dim, dtype, tol):
+    q, k, v = qkv(B, H, W, heads, head_dim, dtype)
+    for shift in shifts(H, W):
+        out = hidiff_kernels.msw_attention(q, k, v, (H, W), shift)
+        assert out.dtype == dtype and out.shape == q.shape and out.is_contiguous()
+        assert relative_error(out, expected(q, k, v, (H, W), shift)) < tol, shift
+
+
+@requires_interpreter
+@pytest.mark.parametrize("B,H,W,heads,head_dim", [(1, 5, 7, 2, 40), (1, 9, 6, 1, 64), (1, 1, 11, 1, 128)])
+def test_bf16_matches_reference(B, H, W, heads, head_dim):
+    q, k, v = qkv(B, H, W, heads, head_dim, torch.bfloat16)
+    for shift in shifts(H, W)[:3]:
+        out = hidiff_kernels.msw_attention(q, k, v, (H, W), shift)
+        assert out.dtype == torch.bfloat16
+        assert relative_error(out, expected(q, k, v, (H, W), shift)) < 1e-2
+
+
+@requires_interpreter
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 3e-3)])
+def test_strided_inputs_and_custom_scale(dtype, tol):
+    B, H, W, heads, d = 2, 6, 5, 2, 40
+    qkv_proj = torch.randn(B, H * W, 3 * heads * d, dtype=dtype, device=DEVICE)  # one fused projection output
+    q, k, v = (t.view(B, H * W, heads, d) for t in qkv_proj.chunk(3, dim=-1))
+    assert not q.is_contiguous()
+    out = hidiff_kernels.msw_attention(q, k, v, (H, W), (2, 3), scale=0.37)
+    assert relative_error(out, expected(q, k, v, (H, W), (2, 3), 0.37)) < tol
+
+
+@requires_interpreter
+def test_head_dim_not_innermost():
+    """Head vectors with a non-unit stride take the kernel's unvectorized addressing."""
+    B, H, W, heads, d = 1, 7, 4, 2, 24
+    q, k, v = (torch.randn(B, H * W, d, heads, device=DEVICE).transpose(2, 3) for _ in range(3))
+    assert q.stride(3) != 1
+    out = hidiff_kernels.msw_attention(q, k, v, (H, W), (3, 1))
+    assert relative_error(out, expected(q, k, v, (H, W), (3, 1))) < 1e-5
+
+
+@requires_interpreter
+@pytest.mark.parametrize("B,H,W,heads,head_dim", [(2, 5, 7, 2, 24), (1, 1, 11, 2, 40), (1, 9, 1, 1, 16), (1, 16, 16, 1, 64)])
+def test_every_output_element_is_written(monkeypatch, B, H, W, heads, head_dim):
+    monkeypatch.setattr(msw_module, "_empty_output", lambda q: torch.full_like(q, float("nan"), memory_format=torch.contiguous_format))
+    q, k, v = qkv(B, H, W, heads, head_dim)
+    out = hidiff_kernels.msw_attention(q, k, v, (H, W), (H // 2, W // 2))
+    assert not out.isnan().any()
+    assert relative_error(out, expected(q, k, v, (H, W), (H // 2, W // 2))) < 1e-5
+
+
+@requires_interpreter
+def test_large_fp16_scores_stay_finite():
+    """Scores around 1e5 would overflow fp16: the kernel keeps them in fp32."""
+    B, H, W, heads, d = 1, 6, 6, 2, 64
+    q, k, v = qkv(B, H, W, heads, d, torch.float16, magnitude=60.0)
+    out = hidiff_kernels.msw_attention(q, k, v, (H, W), (1, 2))
+    assert out.isfinite().all()
+    assert relative_error(out, expected(q, k, v, (H, W), (1, 2))) < 3e-3
+
+
+@requires_interpreter
+@pytest.mark.parametrize("poisoned", ["k", "v"])
+def test_nan_spreads_to_its_window_only(poisoned):
+    B, H, W, heads, d, shift = 1, 7, 6, 2, 16, (2, 5)
+    inputs = dict(zip("qkv", qkv(B, H, W, heads, d)))
+    token = 9
+    inputs[poisoned][0, token, 1] = float("nan")
+    out = hidiff_kernels.msw_attention(*inputs.values(), (H, W), shift)
+    windows = window_of_each_token(H, W, *shift)
+    same_window = (windows == windows[token]).to(out.device)
+    assert out[0, same_window, 1].isnan().all()  # every query of the window saw the NaN key/value
+    assert not out[0, ~same_window, 1].isnan().any() and not out[:, :, 0].isnan().any()
+
+
+@requires_interpreter
+def test_deterministic():
+    q, k, v = qkv(2, 9, 6, 2, 40, torch.float16)
+    first = hidiff_kernels.msw_attention(q, k, v, (9, 6), (1, 1))
+    assert torch.equal(first, hidiff_kernels.msw_attention(q, k, v, (9, 6), (1, 1)))
+
+
+def test_torch_compile_fullgraph():
+    """One opaque op for torch.compile (interpreted kernel under TRITON_INTERPRET=1, else the reference)."""
+    q, k, v = qkv(1, 5, 4, 2, 16)
+    compiled = torch.compile(lambda q, k, v: hidiff_kernels.msw_attention(q, k, v, (5, 4), (2, 1)), fullgraph=True)
+    assert relative_error(compiled(q, k, v), expected(q, k, v, (5, 4), (2, 1))) < 1e-5
+
+
+def test_custom_op_registration():
+    """Schema, fake (meta) implementation and AOT dispatch agree with the real op."""
+    q, k, v = qkv(1, 5, 4, 2, 16)
+    torch.library.opcheck(torch.ops.hidiff.msw_attention.default, (q, k, v, 5, 4, 2, 1, 0.25))
+
+
+def test_cpu_without_interpreter_uses_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
+    assert torch.equal(hidiff_kernels.msw_attention(q, k, v, (4, 5), (1, 2)),
+                       reference.msw_attention(q, k, v, (4, 5), (1, 2)))
+
+
+def test_inputs_requiring_grad_raise():
+    q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
+    k.requires_grad_()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        hidiff_kernels.msw_attention(q, k, v, (4, 5), (0, 0))
+    with torch.no_grad():
+        hidiff_kernels.msw_attention(q, k, v, (4, 5), (0, 0))
+
+
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(q=torch.randn(1, 12, 16)), ValueError, "shape"),
+        (dict(size=(4, 4)), ValueError, "N=12"),
+        (dict(shift=(0, 4)), ValueError, "shift"),
+        (dict(v=torch.randn(1, 12, 2, 8, dtype=torch.bfloat16)), TypeError, "dtype"),
+        (dict(q=torch.ones(1, 12, 2, 8, dtype=torch.int64)), TypeError, "dtype"),
+        (dict(k=torch.randn(1, 12, 2, 8, device="meta")), ValueError, "meta"),
+        (dict(q=torch.randn(1, 12, 1, 257), k=torch.randn(1, 12, 1, 257), v=torch.randn(1, 12, 1, 257)), ValueError, "head_dim"),
+        (dict(q=torch.randn(0, 12, 2, 8), k=torch.randn(0, 12, 2, 8), v=torch.randn(0, 12, 2, 8)), ValueError, "empty"),
+    ],
+)
+def test_bad_input_raises(change, error, match):
+    args = dict(q=torch.randn(1, 12, 2, 8), k=torch.randn(1, 12, 2, 8), v=torch.randn(1, 12, 2, 8), size=(3, 4), shift=(1, 1))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        hidiff_kernels.msw_attention(**args)
