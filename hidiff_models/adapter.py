@@ -1,0 +1,312 @@
+"""apply_hidiffusion / remove_hidiffusion: patch a diffusers UNet (and its pipeline) with MSW-MSA and RAU-Net.
+
+Everything is an attention processor, a hook, an instance-level forward override, ``num_upsamplers`` or the
+pipeline's class, each recorded with its undo in the UNet's ``_hidiffusion`` state: remove restores the
+exact original objects. All checks run before the first change, so a refused apply leaves the model as it was.
+"""
+import weakref
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from hidiff_kernels import triton_runs_on
+
+from . import raunet, steps
+from .ops import BACKENDS
+from .processors import WindowAttnProcessor, shift_for_phase
+from .schedule import MODEL_TYPES, ActiveOps, active_ops
+
+STATE_ATTR = "_hidiffusion"
+INACTIVE = ActiveOps(rad_conv=False, rad_pool=False)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The modules HiDiffusion patches in one model family (docs/hidiffusion-method.md)."""
+
+    down_block_types: tuple
+    up_block_types: tuple
+    text_time: bool  # SDXL's addition_embed_type
+    window_blocks: tuple  # BasicTransformerBlocks whose attn1 becomes MSW-MSA
+    rad_conv: str | None  # downsampler conv run with stride 4
+    rad_pool: str  # attention of the first pair of the pooled down block
+    rau_interp: str  # attention of the second pair of the matching up block
+
+
+_SD15_WINDOWS = tuple(f"down_blocks.0.attentions.{i}.transformer_blocks.0" for i in range(2)) + tuple(
+    f"up_blocks.3.attentions.{i}.transformer_blocks.0" for i in range(3))
+_SDXL_WINDOWS = tuple(f"down_blocks.1.attentions.{i}.transformer_blocks.{j}" for i in range(2) for j in range(2)) + tuple(
+    f"up_blocks.1.attentions.{i}.transformer_blocks.{j}" for i in range(3) for j in range(2))
+_SD15 = Layout(
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    text_time=False, window_blocks=_SD15_WINDOWS, rad_conv="down_blocks.0.downsamplers.0.conv",
+    rad_pool="down_blocks.1.attentions.0", rau_interp="up_blocks.2.attentions.1")
+_SDXL = Layout(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    text_time=True, window_blocks=_SDXL_WINDOWS, rad_conv="down_blocks.1.downsamplers.0.conv",
+    rad_pool="down_blocks.1.attentions.0", rau_interp="up_blocks.1.attentions.1")
+LAYOUTS = {"sd15": _SD15, "sdxl": _SDXL, "sdxl_turbo": replace(_SDXL, rad_conv=None)}
+
+
+class HiDiffusionState:
+    """Per-UNet settings, the per-call schedule, the window-shift generator and the undo list."""
+
+    def __init__(self, model_type, backend, apply_raunet, window_shift, seed, inpainting, playground):
+        self.model_type = model_type
+        self.backend = backend
+        self.apply_raunet = apply_raunet
+        self.pinned_phase = window_shift
+        self.seed = seed
+        self.inpainting = inpainting
+        self.playground = playground
+        self.bare_generator = torch.Generator().manual_seed(seed)  # UNet driven by hand
+        # One generator per pipeline call, restarted from the seed: equal inputs give equal images, even when
+        # generations are interrupted or nested (another pipeline called from a callback).
+        self.call_generators = weakref.WeakKeyDictionary()
+        self.generator = self.bare_generator
+        self.ops = INACTIVE  # ActiveOps of the UNet call in progress
+        self.pre_pool_size = None
+        self.undo = []
+
+    def window_shift(self, h, w):
+        """Shift of the window grid for one block call: pinned phase, or drawn from the adapter's generator."""
+        phase = self.pinned_phase
+        if phase is None:
+            phase = int(torch.randint(4, (1,), generator=self.generator))
+        return shift_for_phase(h, w, phase)
+
+    def before_unet(self, unet, args, kwargs):
+        """UNet forward pre-hook: schedule of this call; ControlNet residuals that follow RAU-Net's sizes."""
+        call = steps.pipeline_call()
+        if call is None:
+            self.generator = self.bare_generator
+        else:
+            if call not in self.call_generators:
+                self.call_generators[call] = torch.Generator().manual_seed(self.seed)
+            self.generator = self.call_generators[call]
+        if not self.apply_raunet:
+            return None
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        step, n, step_call = steps.current_step(unet, timestep)  # step_call is None under denoising_step
+        flags = dict(step_call.flags) if step_call else dict(controlnet=False, inpainting=False, playground=False)
+        flags["inpainting"] = flags["inpainting"] or self.inpainting
+        flags["playground"] = flags["playground"] or self.playground
+        self.ops = active_ops(self.model_type, sample.shape[-2], sample.shape[-1], step, n, **flags)
+        self.pre_pool_size = None
+        down, mid = kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")
+        if down is not None and mid is not None:
+            kwargs = dict(kwargs, mid_block_additional_residual=raunet.ResizedResidual(mid),
+                          down_block_additional_residuals=tuple(raunet.ResizedResidual(r) for r in down))
+        return args, kwargs
+
+    def after_unet(self, unet, args, kwargs, output):
+        self.ops = INACTIVE
+        self.pre_pool_size = None
+
+
+def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_window_attn=True,
+                      window_shift=None, generator=None, model_type=None):
+    """Patch a diffusers pipeline (with ``.unet``) or a UNet2DConditionModel with HiDiffusion; returns it.
+
+    backend: "triton" (fused kernels), "torch" (hidiff_kernels.reference) or "auto" (Triton for CUDA
+    tensors). window_shift: None draws the window phase k in {0..3} per block call from the adapter's own
+    generator (seeded by ``generator``, an int or a torch.Generator, restarted for every pipeline call);
+    an int pins k. model_type: "sd15" (also SD2.x), "sdxl", "sdxl_turbo", or None to detect.
+    """
+    pipe, unet = _split(pipe_or_unet)
+    model_type = _resolve_model_type(pipe, unet, model_type)
+    _check_backend(pipe, unet, backend)
+    if window_shift is not None and (type(window_shift) is not int or not 0 <= window_shift <= 3):
+        raise ValueError(f"window_shift must be None or an int in 0..3, got {window_shift!r}")
+    seed = _seed_of(generator)
+    layout = LAYOUTS[model_type]
+    _check_layout(unet, layout, model_type, apply_window_attn)
+
+    remove_hidiffusion(pipe_or_unet)
+    name_or_path = _name_or_path(pipe, unet).lower()
+    state = HiDiffusionState(model_type, backend, apply_raunet, window_shift, seed,
+                             inpainting=unet.config.in_channels == 9, playground="playground" in name_or_path)
+    setattr(unet, STATE_ATTR, state)
+    try:
+        _install(unet, layout, state, apply_raunet, apply_window_attn)
+    except BaseException:
+        remove_hidiffusion(pipe_or_unet)
+        raise
+    if pipe is not None:
+        # Tracking is per pipeline, not part of the UNet's state: pipelines sharing the UNet stay tracked
+        # when another one re-applies.
+        pipe.__class__ = steps.tracking_class(type(pipe))
+    return pipe_or_unet
+
+
+def remove_hidiffusion(pipe_or_unet):
+    """Undo apply_hidiffusion on a pipeline or UNet (no-op when not patched); returns it."""
+    pipe, unet = _split(pipe_or_unet)
+    state = unet.__dict__.get(STATE_ATTR)
+    if state is not None:
+        while state.undo:
+            state.undo.pop()()
+        delattr(unet, STATE_ATTR)
+    if pipe is not None:
+        pipe.__class__ = steps.untracked_class(type(pipe))
+    return pipe_or_unet
+
+
+def _install(unet, layout, state, apply_raunet, apply_window_attn):
+    modules = dict(unet.named_modules())
+    undo = state.undo
+    undo.append(unet.register_forward_pre_hook(state.before_unet, with_kwargs=True).remove)
+    undo.append(unet.register_forward_hook(state.after_unet, with_kwargs=True, always_call=True).remove)
+    if apply_window_attn:
+        processors_by_transformer = {}
+        for name in layout.window_blocks:
+            attn = modules[name].attn1
+            processor = WindowAttnProcessor(state)
+            undo.append(_processor_undo(attn, attn.processor, processor))
+            attn.set_processor(processor)
+            processors_by_transformer.setdefault(_transformer_of(name), []).append(processor)
+        for transformer_name, processors in processors_by_transformer.items():
+            undo.append(modules[transformer_name].register_forward_pre_hook(
+                _feature_size_recorder(processors), with_kwargs=True).remove)
+    if apply_raunet:
+        if layout.rad_conv is not None:
+            undo.append(raunet.install_rad_conv(modules[layout.rad_conv], state))
+        undo.append(raunet.install_rad_pool(modules[layout.rad_pool], state))
+        undo.append(raunet.install_rau_interp(modules[layout.rau_interp], state))
+        undo.append(raunet.force_upsample_size(unet))
+        for module in unet.modules():
+            if raunet.is_plain_upsampler(module):
+                undo.append(raunet.install_fused_upsample(module, state))
+
+
+def _transformer_of(block_name):
+    """The Transformer2DModel holding a transformer block: 'x.attentions.0.transformer_blocks.1' -> 'x.attentions.0'."""
+    return block_name.rsplit(".transformer_blocks.", 1)[0]
+
+
+def _processor_undo(attn, original, ours):
+    def undo():
+        if attn.processor is ours:  # the user may have set other processors since
+            attn.set_processor(original)
+
+    return undo
+
+
+def _feature_size_recorder(processors):
+    """Transformer2DModel pre-hook: the [B, C, h, w] input gives the token map size of its blocks."""
+
+    def hook(module, args, kwargs):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        for processor in processors:
+            processor.feature_size = tuple(hidden_states.shape[-2:])
+
+    return hook
+
+
+def _split(pipe_or_unet):
+    """(pipeline or None, UNet2DConditionModel), or TypeError."""
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(pipe_or_unet, UNet2DConditionModel):
+        return None, pipe_or_unet
+    unet = getattr(pipe_or_unet, "unet", None)
+    if isinstance(unet, UNet2DConditionModel) and callable(pipe_or_unet):
+        return pipe_or_unet, unet
+    raise TypeError(
+        "HiDiffusion needs a diffusers UNet2DConditionModel or a pipeline with one as `.unet`, "
+        f"got {type(pipe_or_unet).__name__}"
+    )
+
+
+def _name_or_path(pipe, unet):
+    return str(getattr(pipe, "name_or_path", None) or getattr(unet.config, "_name_or_path", None) or "")
+
+
+def _detected_family(unet):
+    """'sd15' or 'sdxl' from the block layout and addition_embed_type, else None."""
+    config = unet.config
+    for family in ("sd15", "sdxl"):
+        layout = LAYOUTS[family]
+        if (tuple(config.down_block_types) == layout.down_block_types
+                and tuple(config.up_block_types) == layout.up_block_types
+                and (config.addition_embed_type == "text_time") == layout.text_time):
+            return family
+    return None
+
+
+def _resolve_model_type(pipe, unet, model_type):
+    if model_type is not None and model_type not in MODEL_TYPES:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {MODEL_TYPES} or None")
+    family = _detected_family(unet)
+    if family is None:
+        raise ValueError(
+            "HiDiffusion supports the SD1.5/SD2.x and SDXL UNet layouts; this UNet has down blocks "
+            f"{tuple(unet.config.down_block_types)}, up blocks {tuple(unet.config.up_block_types)}, "
+            f"addition_embed_type {unet.config.addition_embed_type!r}"
+        )
+    if model_type is None:
+        turbo = "turbo" in _name_or_path(pipe, unet).lower()
+        return "sdxl_turbo" if family == "sdxl" and turbo else family
+    if (model_type == "sd15") != (family == "sd15"):
+        raise ValueError(f"model_type {model_type!r} does not match this UNet's {family} architecture")
+    return model_type
+
+
+def _check_backend(pipe, unet, backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "triton":
+        device = getattr(pipe, "_execution_device", unet.device)  # offloaded pipelines run elsewhere
+        if not triton_runs_on(device):
+            raise ValueError(
+                f"backend='triton' runs on CUDA, or on CPU only with TRITON_INTERPRET=1; the model runs on {device}. "
+                "Use backend='torch' or 'auto'."
+            )
+
+
+def _seed_of(generator):
+    if generator is None:
+        return 0
+    if isinstance(generator, torch.Generator):
+        return generator.initial_seed()
+    if type(generator) is int:
+        return generator
+    raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+
+
+def _check_layout(unet, layout, model_type, apply_window_attn):
+    """Every module HiDiffusion touches exists with the expected type and settings."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    modules = dict(unet.named_modules())
+
+    def require(name, cls):
+        if not isinstance(modules.get(name), cls):
+            raise ValueError(f"{model_type} UNet layout mismatch: expected a {cls.__name__} at {name!r}")
+        return modules[name]
+
+    if apply_window_attn:
+        for name in layout.window_blocks:
+            require(_transformer_of(name), Transformer2DModel)
+            attn = require(name, BasicTransformerBlock).attn1
+            if not isinstance(attn, Attention) or attn.is_cross_attention or modules[name].only_cross_attention:
+                raise ValueError(f"{name}.attn1 is not a plain self-attention")
+            if attn.group_norm is not None or attn.spatial_norm is not None:
+                raise ValueError(f"{name}.attn1 has a group/spatial norm, which window attention does not support")
+            if isinstance(attn.processor, nn.Module):
+                raise ValueError(f"{name}.attn1 uses a processor with weights ({type(attn.processor).__name__}); "
+                                 "window attention would drop it")
+    require(layout.rad_pool, Transformer2DModel)
+    require(layout.rau_interp, Transformer2DModel)
+    if layout.rad_conv is not None:
+        conv = require(layout.rad_conv, nn.Conv2d)
+        if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (2, 2), (1, 1), (1, 1), 1):
+            raise ValueError(f"{layout.rad_conv} is not a 3x3 stride-2 downsampler conv")
+    if not hasattr(unet, "num_upsamplers"):
+        raise ValueError("this UNet has no num_upsamplers; RAU-Net cannot forward upsample sizes")

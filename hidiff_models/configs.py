@@ -1,0 +1,85 @@
+"""Built-in UNet configurations with the real SD1.5 / SD2.1 / SDXL module layouts, and seeded weights.
+
+``"full"`` is the real architecture (the released checkpoints' configs); ``"tiny"`` keeps every module
+name and block layout of the real one (so HiDiffusion patches the same modules) with narrow channels,
+for tests and CPU demos. Weights are drawn per parameter name from a seed, so the same config gives
+the same weights on any diffusers version. Nothing is downloaded.
+
+This module imports only torch at top level, so scripts can load it by path beside other diffusers
+versions.
+"""
+import zlib
+
+import torch
+
+SD15 = dict(
+    sample_size=64,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SDXL = dict(
+    sample_size=128,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+# Narrow versions: same blocks, layers and module names; 16-dim attention heads.
+TINY = {
+    "sd15": dict(SD15, block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=32,
+                 attention_head_dim=2),
+    "sdxl": dict(SDXL, block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
+                 attention_head_dim=(2, 4, 4), addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=6 * 8 + 32),
+}
+FULL = {"sd15": SD15, "sdxl": SDXL}
+# Width of SDXL's pooled text embedding ("text_embeds"): what projection_class_embeddings_input_dim adds
+# to the six time ids.
+POOLED_TEXT_DIM = {"tiny": 32, "full": 1280}
+
+
+def unet_config(model: str, size: str = "tiny") -> dict:
+    """The UNet2DConditionModel kwargs for model 'sd15' or 'sdxl' at size 'tiny' or 'full'."""
+    configs = {"tiny": TINY, "full": FULL}
+    if size not in configs or model not in configs[size]:
+        raise ValueError(f"unknown built-in UNet {model!r} / {size!r}: models 'sd15', 'sdxl'; sizes 'tiny', 'full'")
+    return dict(configs[size][model])
+
+
+@torch.no_grad()
+def seed_weights(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter with values drawn from (seed, parameter name).
+
+    Matrices and conv kernels get N(0, 1/fan_in), norm scales 1 + N(0, 0.1^2), other vectors
+    N(0, 0.02^2): activations stay O(1) through a deep UNet, so a denoising loop stays finite.
+    """
+    for name, param in module.named_parameters():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        values = torch.randn(param.shape, generator=gen, dtype=torch.float64)
+        if param.dim() >= 2:
+            values /= (param[0].numel()) ** 0.5
+        elif "norm" in name and name.endswith("weight"):
+            values = 1 + 0.1 * values
+        else:
+            values *= 0.02
+        param.copy_(values.to(param.dtype))
+    return module
+
+
+def build_unet(model: str, size: str = "tiny", seed: int = 0, dtype=torch.float32, device="cpu"):
+    """A UNet2DConditionModel with a built-in config and seeded weights (no download)."""
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**unet_config(model, size))
+    return seed_weights(unet, seed).to(device=device, dtype=dtype).eval()

@@ -1,0 +1,139 @@
+"""RAU-Net as hooks and instance-level forward overrides: module names and state_dict keys never change.
+
+Every ``install_*`` returns an undo callable. The hooks read ``state.ops`` (the ActiveOps of the UNet call
+in progress, set by the UNet's pre-hook) and ``state.backend``.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import kernel_op
+
+# Added to unet.num_upsamplers so that 2**num_upsamplers divides no latent size: the UNet then always
+# forwards the skip connection's size to its upsamplers (RAU-upsample).
+FORCE_UPSAMPLE_SIZE = 12
+
+
+def override_forward(module, make_forward):
+    """Set ``module.forward = make_forward(current forward)`` on the instance; returns the undo."""
+    had_own_forward = "forward" in module.__dict__
+    previous = module.forward
+    module.forward = make_forward(previous)
+
+    def undo():
+        if had_own_forward:
+            module.forward = previous
+        else:
+            del module.forward
+
+    return undo
+
+
+def install_rad_conv(conv, state):
+    """RAD-conv: while active, the downsampler conv runs with stride 4, padding 2, dilation 2."""
+
+    def make_forward(previous):
+        def forward(x):
+            if state.ops.rad_conv:
+                return kernel_op("rau_downsample_conv", state.backend, x.device)(x, conv.weight, conv.bias)
+            return previous(x)
+
+        return forward
+
+    return override_forward(conv, make_forward)
+
+
+def is_plain_upsampler(module) -> bool:
+    """An Upsample2D that is exactly nearest-interpolate then a 3x3 conv (padding 1): the fused op's pattern."""
+    conv = getattr(module, "conv", None)
+    return (
+        type(module).__name__ == "Upsample2D"
+        and module.use_conv and not module.use_conv_transpose and module.interpolate and module.norm is None
+        and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+        and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+    )
+
+
+def install_fused_upsample(upsampler, state):
+    """RAU-upsample: the interpolate + conv of a plain Upsample2D run as one upsample_conv op."""
+
+    def make_forward(previous):
+        def forward(hidden_states, output_size=None, *args, **kwargs):
+            conv = upsampler.conv
+            if args or kwargs or type(conv) is not nn.Conv2d:  # e.g. a LoRA-wrapped conv: diffusers' own path
+                return previous(hidden_states, output_size, *args, **kwargs)
+            upsample_conv = kernel_op("upsample_conv", state.backend, hidden_states.device)
+            if output_size is None:
+                return upsample_conv(hidden_states, conv.weight, conv.bias, scale_factor=2.0)
+            return upsample_conv(hidden_states, conv.weight, conv.bias, size=tuple(output_size))
+
+        return forward
+
+    return override_forward(upsampler, make_forward)
+
+
+def _map_sample(output, fn):
+    """Apply fn to the sample of a Transformer2DModel output (tuple or output dataclass)."""
+    if isinstance(output, tuple):
+        return (fn(output[0]),) + tuple(output[1:])
+    output.sample = fn(output.sample)
+    return output
+
+
+def install_rad_pool(transformer, state):
+    """RAD-pool: after the first (resnet, attention) pair of the down block, 2x2 average pool (ceil mode).
+
+    The hook sits on that pair's attention, so the pooled map is also the block's first skip output.
+    """
+
+    def pool(x):
+        state.pre_pool_size = tuple(x.shape[-2:])
+        return F.avg_pool2d(x, kernel_size=2, ceil_mode=True)
+
+    def hook(module, args, output):
+        return _map_sample(output, pool) if state.ops.rad_pool else None
+
+    return transformer.register_forward_hook(hook).remove
+
+
+def install_rau_interp(transformer, state):
+    """RAU-interp: after the second pair of the matching up block, bicubic resize back to the pre-pool size."""
+
+    def hook(module, args, output):
+        if not state.ops.rad_pool:
+            return None
+        return _map_sample(output, lambda x: F.interpolate(x, size=state.pre_pool_size, mode="bicubic"))
+
+    return transformer.register_forward_hook(hook).remove
+
+
+def force_upsample_size(unet):
+    unet.num_upsamplers += FORCE_UPSAMPLE_SIZE
+
+    def undo():
+        unet.num_upsamplers -= FORCE_UPSAMPLE_SIZE
+
+    return undo
+
+
+class ResizedResidual:
+    """A ControlNet residual that, when the UNet adds it to a feature map, first resizes itself (bicubic)
+    to that map's size: RAU-Net shrinks the deep maps the ControlNet (run at the normal sizes) feeds.
+
+    The UNet only adds the residuals (``sample + residual``), which reaches ``__torch_function__``.
+    """
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func not in (torch.Tensor.add, torch.add, torch.Tensor.__add__) or len(args) != 2 or kwargs:
+            raise TypeError(f"a HiDiffusion-resized ControlNet residual only supports `feature + residual`, got {func}")
+        feature, residual = args
+        if not isinstance(feature, torch.Tensor) or not isinstance(residual, cls):
+            raise TypeError("a HiDiffusion-resized ControlNet residual must be added to a feature map on its right")
+        tensor = residual.tensor
+        if tensor.shape[-2:] != feature.shape[-2:]:
+            tensor = F.interpolate(tensor, size=feature.shape[-2:], mode="bicubic")
+        return feature + tensor

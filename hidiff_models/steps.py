@@ -1,0 +1,136 @@
+"""Where a UNet call sits in the denoising loop: (step, n), read from the pipeline's scheduler or given explicitly.
+
+Nothing here counts calls: an interrupted generation, an extra UNet call, or two pipelines sharing one UNet
+cannot shift the schedule. A patched pipeline's ``__call__`` publishes itself in a context variable for the
+duration of the call; the UNet's pre-hook reads the scheduler of that pipeline.
+"""
+import contextlib
+import contextvars
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+_explicit_steps = contextvars.ContextVar("hidiff_explicit_steps", default=())
+_pipeline_call = contextvars.ContextVar("hidiff_pipeline_call", default=None)
+
+
+@dataclass(frozen=True, eq=False)
+class PipelineCall:
+    """One call of a patched pipeline; a fresh object per call, so the UNet can tell generations apart."""
+
+    pipeline: object
+    flags: dict = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def denoising_step(unet, step: int, num_steps: int):
+    """Run ``unet`` (or ``pipe.unet``) calls inside this block as 0-based ``step`` of ``num_steps``.
+
+    For a patched UNet driven by hand, outside a pipeline call.
+    """
+    unet = getattr(unet, "unet", unet)
+    for name, value in (("step", step), ("num_steps", num_steps)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"denoising_step: {name} must be an int, got {value!r}")
+    if not 0 <= step < num_steps:
+        raise ValueError(f"denoising_step: need 0 <= step < num_steps, got step={step}, num_steps={num_steps}")
+    token = _explicit_steps.set(_explicit_steps.get() + ((unet, step, num_steps),))
+    try:
+        yield
+    finally:
+        _explicit_steps.reset(token)
+
+
+def pipeline_call():
+    """The PipelineCall in progress, or None."""
+    return _pipeline_call.get()
+
+
+def current_step(unet, timestep):
+    """(step, n, pipeline_call) for a call of ``unet`` with ``timestep``; pipeline_call is None for denoising_step."""
+    for owner, step, n in reversed(_explicit_steps.get()):
+        if owner is unet:
+            return step, n, None
+    call = _pipeline_call.get()
+    if call is None:
+        raise RuntimeError(
+            "HiDiffusion's RAU-Net needs the denoising step of each UNet call: call the UNet through the pipeline "
+            "passed to apply_hidiffusion, or wrap the call in `with hidiff_models.denoising_step(unet, step, n):`"
+        )
+    step, n = _pipeline_step(call.pipeline, timestep)
+    return step, n, call
+
+
+def _pipeline_step(pipe, timestep):
+    """Step index and number of steps of the pipeline's current run, from its scheduler state."""
+    scheduler = pipe.scheduler
+    timesteps = scheduler.timesteps
+    n = getattr(pipe, "_num_timesteps", None) or len(timesteps)
+    begin = getattr(scheduler, "begin_index", None)
+    step_index = getattr(scheduler, "step_index", None)
+    if step_index is not None:
+        step = step_index - (begin or 0)
+    else:
+        step = _timestep_position(pipe, timesteps, n, begin, timestep)
+    if not 0 <= step < n:
+        raise RuntimeError(f"HiDiffusion: derived step {step} is outside the {n} steps of this pipeline run")
+    return step, n
+
+
+def _timestep_position(pipe, timesteps, n, begin, timestep):
+    """Position of ``timestep`` among the n timesteps run (schedulers without step_index, e.g. DDIM)."""
+    if begin is not None:
+        start = begin
+    elif getattr(pipe, "denoising_end", None) is not None and not getattr(pipe, "denoising_start", None):
+        start = 0  # SDXL base of an ensemble: the run is the head of the schedule
+    else:
+        start = len(timesteps) - n  # img2img strength truncation: the run is the tail
+    run = timesteps[start : start + n]
+    t = torch.as_tensor(timestep).flatten()[0].to(run.device, run.dtype)
+    matches = (run == t).nonzero().flatten().tolist()
+    if len(matches) != 1:
+        raise RuntimeError(
+            f"HiDiffusion: timestep {t.item()} is not found exactly once among the {n} timesteps of this "
+            "pipeline run; wrap the UNet call in hidiff_models.denoising_step(unet, step, n)"
+        )
+    return matches[0]
+
+
+_TRACKING_CLASSES = {}
+
+
+def tracking_class(cls):
+    """A subclass of pipeline class ``cls`` whose ``__call__`` publishes the call for the UNet's hooks."""
+    if cls not in _TRACKING_CLASSES:
+
+        @functools.wraps(cls.__call__)
+        def __call__(self, *args, **kwargs):
+            token = _pipeline_call.set(PipelineCall(self, pipeline_flags(self)))
+            try:
+                return super(tracking, self).__call__(*args, **kwargs)
+            finally:
+                _pipeline_call.reset(token)
+
+        # Same name and module: config saving and repr see the user's class.
+        tracking = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                               "__qualname__": cls.__qualname__, "_hidiff_base_class": cls})
+        _TRACKING_CLASSES[cls] = tracking
+    return _TRACKING_CLASSES[cls]
+
+
+def untracked_class(cls):
+    """The user's pipeline class behind a tracking class (``cls`` itself when not tracking)."""
+    return cls.__dict__.get("_hidiff_base_class", cls)
+
+
+def pipeline_flags(pipe):
+    """The schedule variants a pipeline selects: ControlNet text-to-image, inpainting, Playground."""
+    class_name = untracked_class(type(pipe)).__name__
+    image_to_image = "Img2Img" in class_name or "Inpaint" in class_name
+    name_or_path = str(getattr(pipe, "name_or_path", "") or "").lower()
+    return dict(
+        controlnet=getattr(pipe, "controlnet", None) is not None and not image_to_image,
+        inpainting="Inpaint" in class_name,
+        playground="playground" in name_or_path,
+    )

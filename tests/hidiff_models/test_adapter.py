@@ -1,0 +1,337 @@
+"""apply_hidiffusion on bare tiny UNets: MSW-MSA and RAU-Net values, sizes, restoration, refusals."""
+import copy
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+import hidiff_models.adapter as adapter
+from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
+from hidiff_models.configs import POOLED_TEXT_DIM, build_unet
+from hidiff_models.schedule import ActiveOps
+
+from conftest import requires_interpreter
+
+CONV = {"sd15": "down_blocks.0.downsamplers.0.conv", "sdxl": "down_blocks.1.downsamplers.0.conv"}
+POOL = {"sd15": "down_blocks.1.attentions.0", "sdxl": "down_blocks.1.attentions.0"}
+INTERP = {"sd15": "up_blocks.2.attentions.1", "sdxl": "up_blocks.1.attentions.1"}
+WINDOW_TRANSFORMER = {"sd15": "down_blocks.0.attentions.0", "sdxl": "down_blocks.1.attentions.0"}
+
+
+@pytest.fixture(scope="module")
+def built():
+    return {model: build_unet(model, "tiny", seed=1) for model in ("sd15", "sdxl")}
+
+
+class FreshCopies(dict):
+    """unets[model]: a copy of the built UNet, made on first use in a test."""
+
+    def __init__(self, built):
+        super().__init__()
+        self.built = built
+
+    def __missing__(self, model):
+        self[model] = copy.deepcopy(self.built[model])
+        return self[model]
+
+
+@pytest.fixture
+def unets(built):
+    return FreshCopies(built)
+
+
+def inputs(model, batch=1, size=(16, 16), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, 4, *size, generator=gen)
+    kwargs = dict(encoder_hidden_states=torch.randn(batch, 7, 32, generator=gen))
+    if model == "sdxl":
+        kwargs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, POOLED_TEXT_DIM["tiny"], generator=gen),
+                                           time_ids=torch.randn(batch, 6, generator=gen))
+    return sample, kwargs
+
+
+@torch.no_grad()
+def run(unet, sample, kwargs, step=0, n=10):
+    with denoising_step(unet, step, n):
+        return unet(sample, 500, **kwargs).sample
+
+
+def module(unet, name):
+    return dict(unet.named_modules())[name]
+
+
+def snapshot(unet):
+    """Everything apply may touch, to compare after remove or a refused apply."""
+    return dict(
+        state={k: v.clone() for k, v in unet.state_dict().items()},
+        processors=dict(unet.attn_processors),
+        hooks=[(name, len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in m.__dict__)
+               for name, m in unet.named_modules()],
+        num_upsamplers=unet.num_upsamplers,
+        cls=type(unet),
+        attrs=set(unet.__dict__),
+    )
+
+
+def assert_same_snapshot(unet, before):
+    after = snapshot(unet)
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], v) for k, v in before["state"].items())
+    assert after["processors"].keys() == before["processors"].keys()
+    assert all(after["processors"][k] is v for k, v in before["processors"].items())
+    for key in ("hooks", "num_upsamplers", "cls", "attrs"):
+        assert after[key] == before[key], key
+
+
+class PartitionReference:
+    """Hand-written MSW-MSA for one attn1: roll the normed tokens by (-sh, -sw), run the stock processor
+    inside each of the 2x2 windows (split at ceil(h/2), ceil(w/2)), merge, roll back."""
+
+    def __init__(self, size, shift):
+        self.size, self.shift = size, shift
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        (h, w), (sh, sw) = self.size, self.shift
+        b, n, c = hidden_states.shape
+        grid = torch.roll(hidden_states.view(b, h, w, c), (-sh, -sw), dims=(1, 2))
+        out = torch.empty_like(grid)
+        for rows in (slice(0, math.ceil(h / 2)), slice(math.ceil(h / 2), h)):
+            for cols in (slice(0, math.ceil(w / 2)), slice(math.ceil(w / 2), w)):
+                window = grid[:, rows, cols]
+                out[:, rows, cols] = AttnProcessor2_0()(attn, window.reshape(b, -1, c)).view(window.shape)
+        return torch.roll(out, (sh, sw), dims=(1, 2)).view(b, n, c)
+
+
+# (model, feature map, phase k, expected shift = (ceil(h/2)//4 * k, ceil(w/2)//4 * k) worked out by hand)
+@pytest.mark.parametrize("model, size, phase, shift", [
+    ("sd15", (8, 8), 1, (1, 1)),
+    ("sd15", (16, 12), 3, (6, 3)),
+    ("sd15", (7, 9), 2, (2, 2)),
+    ("sd15", (5, 6), 1, (0, 0)),
+    ("sdxl", (9, 6), 3, (3, 0)),
+])
+def test_window_attention_matches_partition_reference(unets, model, size, phase, shift):
+    unet = unets[model]
+    reference = module(copy.deepcopy(unet), WINDOW_TRANSFORMER[model])
+    for block in reference.transformer_blocks:
+        block.attn1.set_processor(PartitionReference(size, shift))
+    apply_hidiffusion(unet, backend="torch", apply_raunet=False, window_shift=phase)
+    patched = module(unet, WINDOW_TRANSFORMER[model])
+    x = torch.randn(2, patched.config.in_channels, *size)
+    context = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        expected = reference(x, encoder_hidden_states=context).sample
+        got = patched(x, encoder_hidden_states=context).sample
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_rau_modules_values_while_active_and_inactive(unets, model):
+    unet = unets[model]
+    original = copy.deepcopy(unet)
+    apply_hidiffusion(unet, backend="torch", apply_window_attn=False)
+    state = unet._hidiffusion
+    conv, pool, interp = (module(unet, names[model]) for names in (CONV, POOL, INTERP))
+    context = torch.randn(1, 7, 32)
+    x = torch.randn(1, conv.in_channels, 13, 18)
+    with torch.no_grad():
+        state.ops = ActiveOps(rad_conv=True, rad_pool=False)
+        out = conv(x)
+        assert out.shape[-2:] == (4, 5)  # ceil(13/4), ceil(18/4)
+        torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, stride=4, padding=2, dilation=2))
+        feature = torch.randn(1, pool.config.in_channels, 7, 10)
+        assert torch.equal(pool(feature, encoder_hidden_states=context).sample,
+                           module(original, POOL[model])(feature, encoder_hidden_states=context).sample)
+
+        state.ops = ActiveOps(rad_conv=False, rad_pool=True)
+        assert torch.equal(conv(x), module(original, CONV[model])(x))
+        pooled = pool(feature, encoder_hidden_states=context).sample
+        unpooled = module(original, POOL[model])(feature, encoder_hidden_states=context).sample
+        assert pooled.shape[-2:] == (4, 5)  # ceil(7/2), ceil(10/2)
+        assert torch.equal(pooled, F.avg_pool2d(unpooled, 2, ceil_mode=True))
+        assert state.pre_pool_size == (7, 10)
+        up_feature = torch.randn(1, interp.config.in_channels, 4, 5)
+        resized = interp(up_feature, encoder_hidden_states=context).sample
+        plain = module(original, INTERP[model])(up_feature, encoder_hidden_states=context).sample
+        assert torch.equal(resized, F.interpolate(plain, size=(7, 10), mode="bicubic"))
+
+
+def test_upsamplers_match_diffusers_bit_for_bit(unets):
+    unet = unets["sd15"]
+    original = copy.deepcopy(unet)
+    apply_hidiffusion(unet, backend="torch")
+    names = [name for name, m in unet.named_modules() if type(m).__name__ == "Upsample2D"]
+    assert names == ["up_blocks.0.upsamplers.0", "up_blocks.1.upsamplers.0", "up_blocks.2.upsamplers.0"]
+    with torch.no_grad():
+        for name in names:
+            x = torch.randn(2, module(unet, name).channels, 3, 5)
+            for size in (None, (6, 10), (12, 20), (7, 9)):
+                assert torch.equal(module(unet, name)(x, size), module(original, name)(x, size))
+
+
+def feature_sizes(unet, names):
+    """Register hooks recording the spatial sizes of each named down block's skip outputs."""
+    sizes = {}
+    for name in names:
+        module(unet, name).register_forward_hook(
+            lambda m, a, out, name=name: sizes.__setitem__(name, [tuple(t.shape[-2:]) for t in out[1]]))
+    return sizes
+
+
+# Real schedule, n = 10, 16x24 latents. SD1.5 (sd15_1024): RAD-conv for steps 0-3, no pooling.
+# SDXL (sdxl_2048, aggressive): RAD-conv at step 0, RAD-pool for steps 1-3.
+@pytest.mark.parametrize("model, step, expected", [
+    ("sd15", 0, {"down_blocks.0": [(16, 24), (16, 24), (4, 6)], "down_blocks.1": [(4, 6), (4, 6), (2, 3)]}),
+    ("sd15", 4, {"down_blocks.0": [(16, 24), (16, 24), (8, 12)], "down_blocks.1": [(8, 12), (8, 12), (4, 6)]}),
+    ("sdxl", 0, {"down_blocks.1": [(8, 12), (8, 12), (2, 3)], "down_blocks.2": [(2, 3), (2, 3)]}),
+    ("sdxl", 1, {"down_blocks.1": [(4, 6), (4, 6), (2, 3)], "down_blocks.2": [(2, 3), (2, 3)]}),
+    ("sdxl", 4, {"down_blocks.1": [(8, 12), (8, 12), (4, 6)], "down_blocks.2": [(4, 6), (4, 6)]}),
+])
+def test_unet_feature_sizes_follow_schedule(unets, model, step, expected):
+    unet = unets[model]
+    original = copy.deepcopy(unet)
+    apply_hidiffusion(unet, backend="torch", apply_window_attn=False)
+    sizes = feature_sizes(unet, expected)
+    sample, kwargs = inputs(model, size=(16, 24))
+    out = run(unet, sample, kwargs, step=step)
+    assert sizes == expected
+    assert out.shape == sample.shape and torch.isfinite(out).all()
+    if step == 4:  # nothing active: only the upsample path differs in code, not in value
+        assert torch.equal(out, run(original, sample, kwargs))
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_remove_restores_bit_for_bit(unets, model):
+    unet = unets[model]
+    before = snapshot(unet)
+    sample, kwargs = inputs(model, size=(16, 24))
+    expected = run(unet, sample, kwargs)
+    apply_hidiffusion(unet, backend="torch")
+    assert not torch.equal(run(unet, sample, kwargs, step=0), expected)
+    assert remove_hidiffusion(unet) is unet
+    assert_same_snapshot(unet, before)
+    assert torch.equal(run(unet, sample, kwargs), expected)
+    remove_hidiffusion(unet)  # removing twice is a no-op
+    assert_same_snapshot(unet, before)
+
+
+def test_apply_twice_and_reapply_equal_apply_once(unets, built):
+    sample, kwargs = inputs("sdxl", size=(16, 16))
+
+    def two_steps(unet):
+        return [run(unet, sample, kwargs, step=s) for s in (0, 1)]
+
+    once = two_steps(apply_hidiffusion(unets["sdxl"], backend="torch", generator=5))
+    twice = copy.deepcopy(built["sdxl"])
+    apply_hidiffusion(twice, backend="torch", generator=5)
+    apply_hidiffusion(twice, backend="torch", generator=5)
+    assert all(torch.equal(a, b) for a, b in zip(two_steps(twice), once))
+    again = copy.deepcopy(built["sdxl"])
+    apply_hidiffusion(again, backend="torch", generator=5)
+    two_steps(again)
+    remove_hidiffusion(again)
+    apply_hidiffusion(again, backend="torch", generator=5)
+    assert all(torch.equal(a, b) for a, b in zip(two_steps(again), once))
+
+
+def other_layout_unet():
+    return UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=2)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(backend="cuda"), ValueError, "backend"),
+    (dict(model_type="sd3"), ValueError, "model_type"),
+    (dict(model_type="sdxl"), ValueError, "does not match"),
+    (dict(window_shift=4), ValueError, "window_shift"),
+    (dict(generator="seed"), TypeError, "generator"),
+])
+def test_bad_arguments_are_refused_before_any_change(unets, kwargs, error, match):
+    unet = unets["sd15"]
+    before = snapshot(unet)
+    with pytest.raises(error, match=match):
+        apply_hidiffusion(unet, **kwargs)
+    assert_same_snapshot(unet, before)
+
+
+def test_unsupported_models_are_refused(unets):
+    unet = other_layout_unet()
+    before = snapshot(unet)
+    with pytest.raises(ValueError, match="SD1.5/SD2.x and SDXL UNet layouts"):
+        apply_hidiffusion(unet)
+    assert_same_snapshot(unet, before)
+    for thing in (torch.nn.Linear(2, 2), object(), "unet"):
+        with pytest.raises(TypeError, match="UNet2DConditionModel"):
+            apply_hidiffusion(thing)
+
+
+def test_triton_without_interpreter_on_cpu_is_refused(unets, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    unet = unets["sd15"]
+    before = snapshot(unet)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        apply_hidiffusion(unet, backend="triton")
+    assert_same_snapshot(unet, before)
+
+
+def test_refused_reapply_keeps_the_previous_patch(unets):
+    unet = apply_hidiffusion(unets["sd15"], backend="torch", window_shift=1)
+    state = unet._hidiffusion
+    with pytest.raises(ValueError):
+        apply_hidiffusion(unet, backend="nope")
+    assert unet._hidiffusion is state and state.undo
+
+
+def test_random_window_shift_uses_own_generator(unets, built):
+    sample, kwargs = inputs("sd15")
+    apply_hidiffusion(unets["sd15"], backend="torch", generator=7, apply_raunet=False)
+    rng = torch.get_rng_state()
+    first = run(unets["sd15"], sample, kwargs)
+    assert torch.equal(torch.get_rng_state(), rng)
+    same_seed = apply_hidiffusion(copy.deepcopy(built["sd15"]), backend="torch",
+                                  generator=torch.Generator().manual_seed(7), apply_raunet=False)
+    assert torch.equal(run(same_seed, sample, kwargs), first)
+    other_seed = apply_hidiffusion(copy.deepcopy(built["sd15"]), backend="torch", generator=8, apply_raunet=False)
+    assert not torch.equal(run(other_seed, sample, kwargs), first)
+
+
+def test_unet_call_without_step_source_is_refused(unets):
+    unet = apply_hidiffusion(unets["sd15"], backend="torch")
+    sample, kwargs = inputs("sd15")
+    with pytest.raises(RuntimeError, match="denoising_step"), torch.no_grad():
+        unet(sample, 500, **kwargs)
+    with pytest.raises(ValueError, match="step"):
+        with denoising_step(unet, 10, 10):
+            pass
+
+
+@pytest.mark.parametrize("size", [(20, 28), (18, 26)])
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_odd_sizes_and_batches_run_with_every_op_active(unets, monkeypatch, model, size):
+    monkeypatch.setattr(adapter, "active_ops", lambda *args, **kwargs: ActiveOps(rad_conv=True, rad_pool=True))
+    unet = apply_hidiffusion(unets[model], backend="torch", window_shift=2)
+    sample, kwargs = inputs(model, batch=2, size=size)
+    out = run(unet, sample, kwargs)
+    assert out.shape == sample.shape and torch.isfinite(out).all()
+    # each batch element is computed on its own
+    single = run(unet, sample[1:], {k: ({kk: vv[1:] for kk, vv in v.items()} if isinstance(v, dict) else v[1:])
+                                    for k, v in kwargs.items()})
+    torch.testing.assert_close(out[1:], single, atol=1e-5, rtol=1e-5)
+
+
+@requires_interpreter
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_triton_backend_matches_torch_backend(built, model):
+    sample, kwargs = inputs(model, size=(8, 12))  # the interpreter is slow: small maps
+    outputs = {}
+    for backend in ("triton", "torch"):
+        unet = apply_hidiffusion(copy.deepcopy(built[model]), backend=backend, generator=3)
+        outputs[backend] = [run(unet, sample, kwargs, step=s) for s in (0, 1)]
+    for got, expected in zip(outputs["triton"], outputs["torch"]):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

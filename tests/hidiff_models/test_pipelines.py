@@ -1,0 +1,230 @@
+"""apply_hidiffusion on tiny real diffusers pipelines, built offline: step derivation, sharing, variants."""
+import copy
+import json
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+import hidiff_models.adapter as adapter
+import hidiff_models.raunet as raunet
+from hidiff_models import apply_hidiffusion, remove_hidiffusion
+from hidiff_models.configs import build_unet, seed_weights
+from hidiff_models.schedule import active_ops
+
+PROMPT = "a photo of a cat"
+
+
+def tiny_tokenizer(directory):
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({f"{word}</w>": i + 2 for i, word in enumerate(["a", "photo", "of", "cat"])})
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
+
+
+def tiny_text_encoder(hidden, projection_dim=None):
+    config = CLIPTextConfig(vocab_size=8, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, projection_dim=projection_dim or hidden)
+    torch.manual_seed(0)
+    return (CLIPTextModelWithProjection if projection_dim else CLIPTextModel)(config).eval()
+
+
+def tiny_vae():
+    """Four blocks: the usual 8x latent scale, so 64x64 px are 8x8 latents."""
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1, sample_size=64).eval()
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    tokenizer = tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    return dict(tokenizer=tokenizer, vae=tiny_vae(), sd15_unet=build_unet("sd15", seed=2), sdxl_unet=build_unet("sdxl", seed=2),
+                sd15_text=tiny_text_encoder(32), sdxl_text=tiny_text_encoder(16), sdxl_text_2=tiny_text_encoder(16, 32))
+
+
+def sd15_pipe(parts, cls=StableDiffusionPipeline, scheduler=DDIMScheduler, unet=None, **extra):
+    return cls(vae=parts["vae"], text_encoder=parts["sd15_text"], tokenizer=parts["tokenizer"],
+               unet=unet or copy.deepcopy(parts["sd15_unet"]), scheduler=scheduler(), safety_checker=None,
+               feature_extractor=None, requires_safety_checker=False, **extra)
+
+
+def sdxl_pipe(parts):
+    return StableDiffusionXLPipeline(
+        vae=parts["vae"], text_encoder=parts["sdxl_text"], text_encoder_2=parts["sdxl_text_2"],
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer"], unet=copy.deepcopy(parts["sdxl_unet"]),
+        scheduler=EulerDiscreteScheduler())
+
+
+def generate(pipe, steps=4, seed=0, **kwargs):
+    kwargs = dict(dict(prompt=PROMPT, height=64, width=64, output_type="latent", guidance_scale=5.0), **kwargs)
+    return pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+@pytest.fixture
+def schedule_log(monkeypatch):
+    """Every (step, n, flags) the adapter schedules, in call order."""
+    log = []
+    real = adapter.active_ops
+
+    def logged(model_type, height, width, step, n, **flags):
+        log.append((step, n, flags))
+        return real(model_type, height, width, step, n, **flags)
+
+    monkeypatch.setattr(adapter, "active_ops", logged)
+    return log
+
+
+def test_apply_and_remove_on_pipeline(parts, schedule_log):
+    pipe = sd15_pipe(parts)
+    expected = generate(pipe)
+    assert apply_hidiffusion(pipe, backend="torch") is pipe
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and isinstance(pipe, StableDiffusionPipeline)
+    patched = generate(pipe)
+    assert not torch.equal(patched, expected)
+    assert [(s, n) for s, n, _ in schedule_log] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    remove_hidiffusion(pipe)
+    assert type(pipe) is StableDiffusionPipeline
+    assert torch.equal(generate(pipe), expected)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at_step_2(pipe, step, timestep, callback_kwargs):
+    if step == 2:
+        raise Interrupt
+    return callback_kwargs
+
+
+@pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler])
+def test_interrupted_generation_does_not_shift_the_next(parts, schedule_log, scheduler):
+    pipe = apply_hidiffusion(sd15_pipe(parts, scheduler=scheduler), backend="torch")
+    fresh = generate(pipe)
+    with pytest.raises(Interrupt):
+        generate(pipe, callback_on_step_end=interrupt_at_step_2)
+    assert torch.equal(generate(pipe), fresh)
+    assert [s for s, _, _ in schedule_log] == [0, 1, 2, 3] + [0, 1, 2] + [0, 1, 2, 3]
+
+
+def test_pipelines_sharing_a_unet_keep_their_own_steps(parts):
+    first = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    second = apply_hidiffusion(sd15_pipe(parts, scheduler=EulerDiscreteScheduler, unet=first.unet), backend="torch")
+    solo_first, solo_second = generate(first, steps=4), generate(second, steps=3)
+    # alternating calls, and the second pipeline run from inside the first one's loop
+    assert torch.equal(generate(second, steps=3), solo_second)
+    nested = []
+
+    def run_second(pipe, step, timestep, callback_kwargs):
+        if step == 1:
+            nested.append(generate(second, steps=3))
+        return callback_kwargs
+
+    assert torch.equal(generate(first, steps=4, callback_on_step_end=run_second), solo_first)
+    assert torch.equal(nested[0], solo_second)
+
+
+@pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler])
+def test_img2img_counts_the_truncated_steps(parts, schedule_log, scheduler):
+    pipe = apply_hidiffusion(sd15_pipe(parts, cls=StableDiffusionImg2ImgPipeline, scheduler=scheduler), backend="torch")
+    image = torch.rand(1, 3, 64, 64)
+    generate(pipe, steps=8, image=image, strength=0.5, height=None, width=None)
+    assert [(s, n) for s, n, _ in schedule_log] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+
+
+def test_inpainting_pipeline_selects_inpainting_schedule(parts, schedule_log):
+    pipe = apply_hidiffusion(sd15_pipe(parts, cls=StableDiffusionInpaintPipeline), backend="torch")
+    out = generate(pipe, steps=3, image=torch.rand(1, 3, 64, 64), mask_image=torch.ones(1, 1, 64, 64))
+    assert torch.isfinite(out).all()
+    assert [flags for _, _, flags in schedule_log] == [dict(controlnet=False, inpainting=True, playground=False)] * 3
+
+
+def test_controlnet_residuals_follow_rau_sizes(parts, schedule_log, monkeypatch):
+    additions = []  # (residual size, feature size) of every ControlNet residual the UNet adds
+    add = raunet.ResizedResidual.__torch_function__
+
+    def spy(cls, func, types, args=(), kwargs=None):
+        additions.append((tuple(args[1].tensor.shape[-2:]), tuple(args[0].shape[-2:])))
+        return add(func, types, args, kwargs)
+
+    monkeypatch.setattr(raunet.ResizedResidual, "__torch_function__", classmethod(spy))
+    unet = copy.deepcopy(parts["sd15_unet"])
+    controlnet = seed_weights(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 8)), 3)
+    pipe = apply_hidiffusion(sd15_pipe(parts, cls=StableDiffusionControlNetPipeline, unet=unet,
+                                       controlnet=controlnet.eval()), backend="torch")
+    out = generate(pipe, steps=5, image=torch.rand(1, 3, 64, 64))
+    assert torch.isfinite(out).all()
+    # sd15_1024, n = 5: RAD-conv (deep maps 4x smaller than the ControlNet's) at steps 0 and 1
+    assert [active_ops("sd15", 8, 8, s, n, **f).rad_conv for s, n, f in schedule_log] == [True] * 2 + [False] * 3
+    assert all(flags["controlnet"] for _, _, flags in schedule_log)
+    # 12 skip residuals + mid per UNet call. At step 0 RAD-conv maps 8x8 to 2x2 where the ControlNet has 4x4.
+    assert len(additions) == 5 * 13
+    assert additions[:13] == [((8, 8), (8, 8))] * 3 + [((4, 4), (2, 2))] * 3 + [((2, 2), (1, 1))] * 3 + [
+        ((1, 1), (1, 1))] * 4
+    assert all(residual == feature for residual, feature in additions[2 * 13:])
+
+
+def test_sdxl_pipeline_and_turbo_detection(parts, schedule_log):
+    pipe = sdxl_pipe(parts)
+    expected = generate(pipe, steps=3)
+    apply_hidiffusion(pipe, backend="torch")
+    assert pipe.unet._hidiffusion.model_type == "sdxl"
+    assert torch.isfinite(generate(pipe, steps=3)).all()
+    assert [(s, n) for s, n, _ in schedule_log] == [(0, 3), (1, 3), (2, 3)]
+    pipe.register_to_config(_name_or_path="stabilityai/sdxl-turbo")
+    apply_hidiffusion(pipe, backend="torch")
+    assert pipe.unet._hidiffusion.model_type == "sdxl_turbo"
+    remove_hidiffusion(pipe)
+    assert torch.equal(generate(pipe, steps=3), expected)
+
+
+def test_several_images_per_prompt(parts):
+    pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch", window_shift=1)
+    images = generate(pipe, steps=3, num_images_per_prompt=2, output_type="np")
+    assert images.shape == (2, 64, 64, 3)
+
+
+def test_model_cpu_offload_before_and_after_apply(parts):
+    pipe = sd15_pipe(parts)
+    try:
+        pipe.enable_model_cpu_offload(device="cpu")
+    except Exception as error:  # noqa: BLE001 - any refusal means offload is unavailable here
+        pytest.skip(f"enable_model_cpu_offload does not work on this CPU-only machine: {error}")
+    plain = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    expected = generate(plain)
+    apply_hidiffusion(pipe, backend="torch")
+    assert torch.equal(generate(pipe), expected)
+    late = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    late.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(generate(late), expected)
+
+
+def add_lora(unet):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    torch.manual_seed(4)
+    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+
+
+def test_lora_before_and_after_apply(parts):
+    before = sd15_pipe(parts)
+    add_lora(before.unet)
+    lora_only = generate(before)
+    apply_hidiffusion(before, backend="torch")
+    after = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    plain = generate(after)
+    add_lora(after.unet)
+    with_lora = generate(after)
+    assert not torch.equal(with_lora, plain)
+    assert torch.equal(generate(before), with_lora)
+    remove_hidiffusion(before)
+    assert torch.equal(generate(before), lora_only)
