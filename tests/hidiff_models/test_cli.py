@@ -1,0 +1,264 @@
+"""The ``hidiff`` command: help texts, one-line errors, a tiny CPU bench run, generate with a tiny local pipeline."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hidiff_models import bench, cli
+
+TRITON_ROW = "n/a (needs CUDA; interpreter timings are not kernel performance)"
+
+
+@pytest.fixture(autouse=True)
+def restore_process_state(monkeypatch):
+    """main() sets the hub to offline mode and the bench its thread count: undo both after each test."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_main(capsys, *argv):
+    """(exit status, stdout, stderr) of cli.main(argv) in this process."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:  # argparse: --help and usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def subcommand_parsers():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return parser, sub.choices
+
+
+@pytest.mark.parametrize("command", [None, "bench", "generate"])
+def test_help_lists_every_option(capsys, command):
+    parser, subs = subcommand_parsers()
+    target = parser if command is None else subs[command]
+    code, out, _ = run_main(capsys, *([command] if command else []), "--help")
+    assert code == 0
+    options = [s for a in target._actions for s in a.option_strings]
+    assert options
+    for option in options:
+        assert option in out, f"{option} missing from `hidiff {command or ''} --help`"
+    for action in target._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no help text"
+    if command is None:
+        assert "bench" in out and "generate" in out
+
+
+def test_module_entry_point_and_generate_missing_path():
+    """`python -m hidiff_models` runs the CLI; a missing model is one line on stderr, exit 2, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "hidiff_models", "generate", "--model", "/nonexistent/model",
+                           "--prompt", "a cat"], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(proc.returncode, proc.stderr, "/nonexistent/model", "no such file or folder")
+
+
+def test_generate_folder_without_weights(capsys, tmp_path):
+    code, _, err = run_main(capsys, "generate", "--model", str(tmp_path), "--prompt", "x")
+    assert_one_line_error(code, err, "model_index.json")
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text("{}")
+    code, _, err = run_main(capsys, "generate", "--model", str(tmp_path), "--prompt", "x")
+    assert_one_line_error(code, err, "no UNet weights")
+
+    code, _, err = run_main(capsys, "bench", "--model", str(tmp_path), "--device", "cpu")
+    assert_one_line_error(code, err, "no UNet weights")
+
+
+def test_generate_rejects_bad_files_and_sizes(capsys, tmp_path):
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"not a safetensors file")
+    code, _, err = run_main(capsys, "generate", "--model", str(bogus), "--prompt", "x")
+    assert_one_line_error(code, err, "safetensors")
+
+    code, _, err = run_main(capsys, "generate", "--model", str(tmp_path), "--prompt", "x", "--height", "1001")
+    assert_one_line_error(code, err, "--height")
+
+    from safetensors.torch import save_file
+
+    no_unet = tmp_path / "vae.safetensors"
+    save_file({"first_stage_model.decoder.conv_in.weight": torch.zeros(4, 4, 3, 3)}, str(no_unet))
+    code, _, err = run_main(capsys, "generate", "--model", str(no_unet), "--prompt", "x")
+    assert_one_line_error(code, err, "no Stable Diffusion UNet weights")
+
+    # A single file needs its configs from the hub cache: offline and uncached, a clear refusal, no download.
+    single = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, str(single))
+    code, _, err = run_main(capsys, "generate", "--model", str(single), "--prompt", "x", "--height", "64",
+                            "--width", "64", "--threads", "1")
+    assert code == 2 and "Traceback" not in err
+    assert "use a diffusers folder instead" in err.strip().splitlines()[-1]
+
+
+def test_bench_bad_arguments(capsys):
+    code, _, err = run_main(capsys, "bench", "--model", "/nonexistent/unet")
+    assert_one_line_error(code, err, "/nonexistent/unet")
+    code, _, err = run_main(capsys, "bench", "--device", "cpu", "--steps-to-time", "60")
+    assert_one_line_error(code, err, "--steps-to-time")
+    code, _, err = run_main(capsys, "bench", "--sizes", "100")  # argparse: usage line + error line
+    assert code == 2 and "multiples of 8" in err and "Traceback" not in err
+
+
+def test_bench_tiny_writes_json(capsys, tmp_path):
+    out_json = tmp_path / "out" / "bench.json"
+    code, out, err = run_main(capsys, "bench", "--device", "cpu", "--unet-size", "tiny", "--sizes", "64",
+                              "--repeats", "1", "--threads", "1", "--json", str(out_json))
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    assert set(result) == {"meta", "rows"}
+    meta = result["meta"]
+    for key in ("date", "commit", "device", "torch", "triton", "diffusers", "dtype", "batch", "unet", "num_steps",
+                "steps", "repeats", "label", "total_s"):
+        assert key in meta
+    assert meta["dtype"] == "fp32" and meta["batch"] == 2 and meta["steps"] == [0, 49]
+    assert meta["label"] == bench.CPU_LABEL
+    rows = result["rows"]
+    row_keys = {"model", "image", "latent", "group", "case", "median_ms", "times_ms", "speedup", "peak_mib",
+                "rel_err", "note"}
+    assert all(set(r) == row_keys for r in rows)
+    assert {r["model"] for r in rows} == {"sd15", "sdxl"}
+    assert {r["group"] for r in rows} == {"unet", "msw", "rad-conv", "upsample-conv"}
+    for model in ("sd15", "sdxl"):
+        unet_rows = [r["case"] for r in rows if r["model"] == model and r["group"] == "unet"]
+        assert unet_rows == ["vanilla (no HiDiffusion)", "hidiff torch, step 0/50", "hidiff torch, step 49/50",
+                             "hidiff triton, step 0/50", "hidiff triton, step 49/50"]
+    for r in rows:
+        if "triton" in r["case"]:  # never timed through the interpreter
+            assert r["median_ms"] is None and r["note"] == TRITON_ROW
+        else:
+            assert r["median_ms"] > 0 and len(r["times_ms"]) == 1 and r["speedup"] > 0 and r["peak_mib"] is None
+        if r["case"].startswith("hidiff reference op"):  # the reference op against the original composition
+            assert r["rel_err"] < 1e-5, r
+    assert "vanilla (no HiDiffusion)" in out and TRITON_ROW in out and "sd15: 64x64 image, 8x8 latents" in out
+    assert str(out_json) in err
+
+
+def test_original_window_attention_baseline_matches_reference():
+    """The bench's 'original roll/partition' attn1 computes the same function as the hidiff op path."""
+    from diffusers.models.attention_processor import Attention
+
+    from hidiff_kernels import reference
+    from hidiff_models.processors import shift_for_phase
+
+    attn = Attention(query_dim=24, heads=3, dim_head=8).eval()
+    for hw in [(8, 8), (6, 10), (4, 12)]:
+        for phase in range(4):
+            shift = shift_for_phase(*hw, phase)
+            x = torch.randn(2, hw[0] * hw[1], 24)
+            with torch.no_grad():
+                original = bench.original_window_attn(attn, x, hw, shift)
+                ours = bench.fused_window_attn(attn, x, hw, shift, reference.msw_attention)
+            torch.testing.assert_close(ours, original, rtol=1e-5, atol=1e-6)
+
+
+def test_plot_or_clear_message(capsys, tmp_path):
+    row = dict(model="sd15", image="64x64", latent="8x8", group="unet", case="vanilla (no HiDiffusion)",
+               median_ms=12.5, times_ms=[12.5], speedup=1.0, peak_mib=None, rel_err=None, note="")
+    result = {"meta": {"device": "cpu", "dtype": "fp32", "label": bench.CPU_LABEL}, "rows": [row]}
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(cli.UserError, match="matplotlib"):
+            bench.plot(result, tmp_path / "plot.png")
+        code, _, err = run_main(capsys, "bench", "--device", "cpu", "--plot", str(tmp_path / "plot.png"))
+        assert_one_line_error(code, err, "pip install 'hidiff[plot]'")  # refused before any timing
+    else:
+        path = bench.plot(result, tmp_path / "plot.png")
+        assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """A tiny SD1.5-layout text-to-image pipeline saved as a local diffusers folder."""
+    pytest.importorskip("transformers")
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from hidiff_models.configs import build_unet
+
+    folder = tmp_path_factory.mktemp("tiny_pipeline")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1)
+    scheduler = DDIMScheduler(clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=build_unet("sd15", "tiny"), vae=vae, text_encoder=text_encoder,
+                                   tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
+def test_generate_with_tiny_local_pipeline(capsys, tmp_path, tiny_pipeline):
+    from PIL import Image
+
+    output = tmp_path / "images" / "out.png"
+    code, _, err = run_main(capsys, "generate", "--model", str(tiny_pipeline), "--prompt", "a cat", "--height", "64",
+                            "--width", "96", "--steps", "2", "--device", "cpu", "--backend", "torch",
+                            "--output", str(output))
+    assert code == 0, err
+    assert Image.open(output).size == (96, 64)
+    assert "saved" in err
+
+
+def test_bench_with_local_unet_folder(capsys, tmp_path, tiny_pipeline):
+    code, out, err = run_main(capsys, "bench", "--model", str(tiny_pipeline), "--device", "cpu", "--sizes", "64",
+                              "--repeats", "1", "--threads", "1", "--no-kernels", "--json", str(tmp_path / "b.json"))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["group"] for r in rows] == ["unet"] * 5 and rows[0]["model"].startswith("sd15 (")
+
+
+def test_bench_builds_the_same_weights_as_configs():
+    """The bench's faster build (meta-device construction, seeding in threads) gives build_unet's weights."""
+    from hidiff_models.configs import build_unet
+
+    for model in ("sd15", "sdxl"):
+        expected = build_unet(model, "tiny", seed=3).state_dict()
+        built = bench._build_builtin(model, "tiny", seed=3, dtype=torch.float32, device="cpu").state_dict()
+        assert built.keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(built[name], tensor), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton rows need CUDA or TRITON_INTERPRET=1")
+def test_bench_triton_rows_pair_with_torch_rows():
+    """The Triton rows' errors compare against the torch backend with the same window shifts (interpreter on CPU:
+    ~30 s for the smallest SD1.5 map, 4x4 latents)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = bench.BenchConfig(models=["sd15"], device=device, dtype="fp32", unet_size="tiny", sizes=[(32, 32)],
+                            repeats=1, threads=1, triton_on_cpu=True)
+    rows = bench.run(cfg)["rows"]
+    triton = [r for r in rows if "triton" in r["case"] or "fused Triton" in r["case"]]
+    assert len(triton) == 2 + 3  # two UNet steps, three ops
+    for r in triton:
+        assert r["median_ms"] > 0 and r["rel_err"] < 1e-4, r
