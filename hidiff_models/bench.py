@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hidiff_kernels.benchmarking import timed_call_ms
+
 from .cli import UserError
 
 BATCH = 2  # classifier-free guidance: the conditional and unconditional latents in one UNet call
@@ -346,19 +348,7 @@ def time_call(fn, repeats, device):
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+    times = [timed_call_ms(fn, device) for _ in range(repeats)]
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
     return statistics.median(times), times, peak, first
 
