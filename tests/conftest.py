@@ -33,3 +33,8 @@ requires_interpreter = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
     reason="Triton kernels need CUDA or TRITON_INTERPRET=1",
 )
+
+
+def relative_error(actual, expected):
+    """||actual - expected|| / ||expected|| in float64."""
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()

@@ -3,17 +3,13 @@ import math
 
 import pytest
 import torch
-from conftest import requires_interpreter
+from conftest import relative_error, requires_interpreter
 
 import hidiff_kernels
 from hidiff_kernels import reference
 from hidiff_kernels.ops import msw_attention as msw_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def qkv(B, H, W, heads, head_dim, dtype=torch.float32, magnitude=1.0):

@@ -17,15 +17,13 @@ from hypothesis import strategies as st
 import hidiff_kernels
 from hidiff_kernels import reference
 
+from conftest import relative_error
+
 # Interpreted kernels are slow: few, tiny examples; derandomized so CI replays the same ones.
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
 valid_settings = settings(max_examples=40, **SETTINGS)
 invalid_settings = settings(max_examples=10, **SETTINGS)  # per broken argument: cheap, no kernel runs
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def randn(gen, *shape):

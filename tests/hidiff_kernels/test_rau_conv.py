@@ -14,7 +14,7 @@ import hidiff_kernels
 from hidiff_kernels import reference
 from hidiff_kernels.ops import rau_conv
 
-from conftest import requires_interpreter
+from conftest import relative_error, requires_interpreter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
@@ -34,10 +34,6 @@ def poisoned_output(monkeypatch):
         return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device).contiguous(memory_format=memory_format)
 
     monkeypatch.setattr(rau_conv, "_alloc_output", alloc)
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def make_inputs(B, Ci, Co, H, W, dtype, channels_last, bias):

@@ -6,6 +6,8 @@ import torch
 
 from hidiff_kernels import reference
 
+from conftest import relative_error
+
 
 def window_ids(H, W, sh, sw):
     """Window index (0..3) of every token of an H x W map, in original row-major order."""
@@ -21,10 +23,6 @@ def masked_softmax_attention(q, k, v, size, shift, scale):
     scores = (q @ k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(ids[:, None] != ids[None, :], float("-inf"))
     return (scores.softmax(-1) @ v).transpose(1, 2)
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 CASES = [  # (B, H, W, heads, head_dim)

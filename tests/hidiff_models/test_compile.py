@@ -23,6 +23,8 @@ from hidiff_models import apply_hidiffusion, denoising_step, steps
 from hidiff_models.configs import build_unet
 from hidiff_models.schedule import active_ops
 
+from conftest import relative_error
+
 NUM_STEPS = 10
 STEPS = range(6)  # steps 0-3 run RAD-conv (T1 = int(0.4 * 10)), steps 4-5 run no RAU-Net op
 LATENT = (16, 16)
@@ -52,10 +54,6 @@ def run(model, unet, step):
     sample, kwargs = inputs()
     with denoising_step(unet, step, NUM_STEPS):
         return model(sample, 500, **kwargs).sample
-
-
-def relative_error(actual, expected):
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 class GraphBreaks(logging.Handler):
