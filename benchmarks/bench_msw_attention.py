@@ -16,6 +16,7 @@ from einops import rearrange
 
 import hidiff_kernels
 from hidiff_kernels.benchmarking import median_ms
+from hidiff_kernels.ops.window_gather import msw_attention_gathered
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -29,7 +30,7 @@ SHAPES = [
     ("sdxl-256x256", 2, 256, 256, 10, 64),
 ] if CUDA else [(f"tiny-{CPU_LABEL}", 1, 8, 8, 2, 16)]
 DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float32]
-IMPLS = ["fused", "original", "flex", "sdpa_global"] if CUDA else ["fused", "original", "sdpa_global"]
+IMPLS = ["fused", "original", "gathered", "flex", "sdpa_global"] if CUDA else ["fused", "original", "gathered", "sdpa_global"]
 
 
 def original_path_msw_attention(q, k, v, size, shift, scale=None):
@@ -66,6 +67,8 @@ def make_impl(name, q, k, v, size, shift):
         return lambda: hidiff_kernels.msw_attention(q, k, v, size, shift)
     if name == "original":
         return lambda: original_path_msw_attention(q, k, v, size, shift)
+    if name == "gathered":  # the torch backend's path (there it gathers the block input once, before attn1)
+        return lambda: msw_attention_gathered(q, k, v, size, shift)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, N, d], as SDPA / flex take them
     if name == "sdpa_global":
         return lambda: F.scaled_dot_product_attention(qt, kt, vt)

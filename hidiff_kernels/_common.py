@@ -69,12 +69,12 @@ def check_msw_args(op, q, k, v, size, shift, scale):
 
 
 def _pair(op, name, value):
-    """Two Python ints from a tuple/list/Size of two ints (torch.SymInt allowed for compile)."""
+    """The two ints of a tuple/list/Size (a torch.SymInt stays symbolic: int() would specialize a compiled graph)."""
     if not isinstance(value, (tuple, list, torch.Size)) or len(value) != 2:
         raise TypeError(f"{op}: {name} must be a pair of ints, got {value!r}")
     if not all(isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool) for x in value):
         raise TypeError(f"{op}: {name} must be a pair of ints, got {value!r}")
-    return int(value[0]), int(value[1])
+    return tuple(x if isinstance(x, torch.SymInt) else int(x) for x in value)
 
 
 def check_conv_args(op, x, weight, bias, upsample=False, size=None, scale_factor=None):

@@ -12,9 +12,9 @@ from torch import nn
 
 from hidiff_kernels import triton_runs_on
 
-from . import raunet, steps
+from . import controlnet, raunet, steps
 from .ops import BACKENDS
-from .processors import WindowAttnProcessor, shift_for_phase
+from .processors import WindowAttnProcessor
 from .schedule import MODEL_TYPES, ActiveOps, active_ops
 
 STATE_ATTR = "_hidiffusion"
@@ -66,29 +66,51 @@ class HiDiffusionState:
         # One generator per pipeline call, restarted from the seed: equal inputs give equal images, even when
         # generations are interrupted or nested (another pipeline called from a callback).
         self.call_generators = weakref.WeakKeyDictionary()
-        self.generator = self.bare_generator
+        self.window_processors = 0  # WindowAttnProcessors installed; each reads its phase by index
+        self.in_call = False
         self.ops = INACTIVE  # ActiveOps of the UNet call in progress
+        self.phase_sizes = ()  # window phase k of each processor for the UNet call in progress, as a size
         self.pre_pool_size = None
+        self.rad_conv_site = None  # (downsampler, its conv) of RAD-conv, for LoRA convs beside the conv
+        self.widened_lora_convs = []
         self.undo = []
 
-    def window_shift(self, h, w):
-        """Shift of the window grid for one block call: pinned phase, or drawn from the adapter's generator."""
-        phase = self.pinned_phase
-        if phase is None:
-            phase = int(torch.randint(4, (1,), generator=self.generator))
-        return shift_for_phase(h, w, phase)
+    def phase(self, index):
+        """Window phase k in {0..3} of processor ``index`` for the UNet call in progress."""
+        if self.pinned_phase is not None:
+            return self.pinned_phase
+        if not self.in_call:
+            raise RuntimeError("HiDiffusion window attention ran outside a call of its patched UNet; if the UNet "
+                               "is compiled, apply HiDiffusion before torch.compile")
+        return self.phase_sizes[index].shape[0] - _PHASE_SIZE_OFFSET
 
+    @torch.compiler.disable
     def before_unet(self, unet, args, kwargs):
-        """UNet forward pre-hook: schedule of this call; ControlNet residuals that follow RAU-Net's sizes."""
+        """Everything a UNet call needs from outside the UNet: step schedule, window phases, ControlNet residuals.
+
+        Runs eagerly (never traced by torch.compile: it reads the pipeline's state from context variables);
+        what it decides reaches the compiled forward as plain attributes that dynamo guards on.
+        """
         call = steps.pipeline_call()
         if call is None:
-            self.generator = self.bare_generator
+            generator = self.bare_generator
         else:
             if call not in self.call_generators:
                 self.call_generators[call] = torch.Generator().manual_seed(self.seed)
-            self.generator = self.call_generators[call]
+            generator = self.call_generators[call]
+        if self.pinned_phase is None:
+            # Under torch.compile a tensor size marked dynamic is a symbolic int (sizes 0 and 1 are always
+            # specialized: hence the offset), so one compiled graph serves every draw instead of one per phase.
+            phases = torch.randint(4, (self.window_processors,), generator=generator).tolist()
+            self.phase_sizes = tuple(torch.empty(k + _PHASE_SIZE_OFFSET, 0) for k in phases)
+            for size in self.phase_sizes:
+                torch._dynamo.maybe_mark_dynamic(size, 0)
+        self.ops = INACTIVE
+        self.pre_pool_size = None
+        self.in_call = True
+        kwargs = controlnet.unet_controlnet_kwargs(kwargs)
         if not self.apply_raunet:
-            return None
+            return args, kwargs
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         step, n, step_call = steps.current_step(unet, timestep)  # step_call is None under denoising_step
@@ -96,16 +118,45 @@ class HiDiffusionState:
         flags["inpainting"] = flags["inpainting"] or self.inpainting
         flags["playground"] = flags["playground"] or self.playground
         self.ops = active_ops(self.model_type, sample.shape[-2], sample.shape[-1], step, n, **flags)
-        self.pre_pool_size = None
-        down, mid = kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")
-        if down is not None and mid is not None:
-            kwargs = dict(kwargs, mid_block_additional_residual=raunet.ResizedResidual(mid),
-                          down_block_additional_residuals=tuple(raunet.ResizedResidual(r) for r in down))
+        if self.ops.rad_conv and self.rad_conv_site is not None:
+            self.widened_lora_convs = raunet.widen_lora_down_convs(*self.rad_conv_site)
         return args, kwargs
 
-    def after_unet(self, unet, args, kwargs, output):
+    @torch.compiler.disable
+    def after_unet(self):
+        raunet.restore_lora_down_convs(self.widened_lora_convs)
+        self.widened_lora_convs = []
+        self.in_call = False
         self.ops = INACTIVE
         self.pre_pool_size = None
+
+
+_PHASE_SIZE_OFFSET = 2
+_TRACKING_UNET_CLASSES = {}
+
+
+def _tracking_unet_class(cls):
+    """A subclass of UNet class ``cls`` whose ``__call__`` prepares each call with HiDiffusionState.before_unet.
+
+    torch.compile(unet) compiles what ``__call__`` invokes but not ``__call__`` itself (recursive=False), so the
+    preparation runs eagerly around the compiled forward; ``unet.compile()`` compiles only the inner call.
+    """
+    if cls not in _TRACKING_UNET_CLASSES:
+
+        @torch.compiler.disable(recursive=False)
+        def __call__(self, *args, **kwargs):
+            state = self.__dict__.get(STATE_ATTR)
+            if state is None:
+                return super(tracking, self).__call__(*args, **kwargs)
+            try:
+                args, kwargs = state.before_unet(self, args, kwargs)
+                return super(tracking, self).__call__(*args, **kwargs)
+            finally:
+                state.after_unet()
+
+        tracking = steps.same_named_subclass(cls, __call__)
+        _TRACKING_UNET_CLASSES[cls] = tracking
+    return _TRACKING_UNET_CLASSES[cls]
 
 
 def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_window_attn=True,
@@ -125,6 +176,7 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     seed = _seed_of(generator)
     layout = LAYOUTS[model_type]
     _check_layout(unet, layout, model_type, apply_window_attn)
+    controlnet.check_sdxl_controlnet(pipe, model_type)
 
     remove_hidiffusion(pipe_or_unet)
     name_or_path = _name_or_path(pipe, unet).lower()
@@ -133,6 +185,8 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     setattr(unet, STATE_ATTR, state)
     try:
         _install(unet, layout, state, apply_raunet, apply_window_attn)
+        if pipe is not None:  # the original's SDXL ControlNet schedule, with or without RAU-Net
+            state.undo.append(controlnet.install_sdxl_controlnet(pipe, state))
     except BaseException:
         remove_hidiffusion(pipe_or_unet)
         raise
@@ -159,13 +213,15 @@ def remove_hidiffusion(pipe_or_unet):
 def _install(unet, layout, state, apply_raunet, apply_window_attn):
     modules = dict(unet.named_modules())
     undo = state.undo
-    undo.append(unet.register_forward_pre_hook(state.before_unet, with_kwargs=True).remove)
-    undo.append(unet.register_forward_hook(state.after_unet, with_kwargs=True, always_call=True).remove)
+    base_class = type(unet)
+    unet.__class__ = _tracking_unet_class(base_class)
+    undo.append(lambda: setattr(unet, "__class__", base_class))
     if apply_window_attn:
         processors_by_transformer = {}
-        for name in layout.window_blocks:
+        for index, name in enumerate(layout.window_blocks):
             attn = modules[name].attn1
-            processor = WindowAttnProcessor(state)
+            processor = WindowAttnProcessor(state, index)
+            state.window_processors += 1
             undo.append(_processor_undo(attn, attn.processor, processor))
             attn.set_processor(processor)
             processors_by_transformer.setdefault(_transformer_of(name), []).append(processor)
@@ -174,13 +230,20 @@ def _install(unet, layout, state, apply_raunet, apply_window_attn):
                 _feature_size_recorder(processors), with_kwargs=True).remove)
     if apply_raunet:
         if layout.rad_conv is not None:
-            undo.append(raunet.install_rad_conv(modules[layout.rad_conv], state))
+            conv = _unwrapped(modules[layout.rad_conv])
+            undo.append(raunet.install_rad_conv(conv, state))
+            state.rad_conv_site = (modules[layout.rad_conv.rsplit(".", 1)[0]], conv)
         undo.append(raunet.install_rad_pool(modules[layout.rad_pool], state))
         undo.append(raunet.install_rau_interp(modules[layout.rau_interp], state))
         undo.append(raunet.force_upsample_size(unet))
         for module in unet.modules():
             if raunet.is_plain_upsampler(module):
                 undo.append(raunet.install_fused_upsample(module, state))
+
+
+def _unwrapped(conv):
+    """The conv a LoRA (peft) layer wraps, or the conv itself."""
+    return getattr(conv, "base_layer", conv)
 
 
 def _transformer_of(block_name):
@@ -305,7 +368,9 @@ def _check_layout(unet, layout, model_type, apply_window_attn):
     require(layout.rad_pool, Transformer2DModel)
     require(layout.rau_interp, Transformer2DModel)
     if layout.rad_conv is not None:
-        conv = require(layout.rad_conv, nn.Conv2d)
+        conv = _unwrapped(modules.get(layout.rad_conv))
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"{model_type} UNet layout mismatch: expected a Conv2d at {layout.rad_conv!r}")
         if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (2, 2), (1, 1), (1, 1), 1):
             raise ValueError(f"{layout.rad_conv} is not a 3x3 stride-2 downsampler conv")
     if not hasattr(unet, "num_upsamplers"):

@@ -447,7 +447,7 @@ def _op_rows(cfg, unet, family, latent_hw, device, dtype, where, bar):
     import hidiff_kernels
     from hidiff_kernels import reference
 
-    from .processors import shift_for_phase
+    from .processors import shift_for_phase, window_attention
 
     fused = _triton_rows(cfg, device)
     ops = hidiff_kernels if fused else reference  # on CPU: the reference op, never the interpreter
@@ -481,8 +481,8 @@ def _op_rows(cfg, unet, family, latent_hw, device, dtype, where, bar):
         bar.update()
     group.append(base_row)
     group.append(timed("msw", "global attn1 (no windows)", lambda: attn(x))[0])
-    group.append(timed("msw", f"{ours}: msw_attention",
-                       lambda: fused_window_attn(attn, x, hw, shift, ops.msw_attention), ref=base)[0])
+    msw_case = "hidiff fused Triton kernel: msw_attention" if fused else "hidiff torch backend (CPU): window gather"
+    group.append(timed("msw", msw_case, lambda: window_attention(attn, x, hw, shift, fused), ref=base)[0])
     rows += _set_speedups(group)
 
     # RAD-conv: the downsampler conv with stride 4.
@@ -516,13 +516,6 @@ def original_window_attn(attn, x, hw, shift):
     windows = rolled.view(B, 2, H // 2, 2, W // 2, C).permute(0, 1, 3, 2, 4, 5).reshape(B * 4, N // 4, C)
     out = attn(windows).view(B, 2, 2, H // 2, W // 2, C).permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
     return torch.roll(out, (sh, sw), dims=(1, 2)).reshape(B, N, C)
-
-
-def fused_window_attn(attn, x, hw, shift, msw_attention):
-    """attn1 with the window attention done by ``msw_attention`` on the unrolled map (what the adapter runs)."""
-    q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-    out = msw_attention(q, k, v, hw, shift, scale=attn.scale)
-    return attn.to_out[0](out.flatten(2))
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -1,19 +1,27 @@
 """MSW-MSA: a diffusers attention processor for attn1 that attends inside the 2x2 shifted windows."""
 import math
 
-from .ops import kernel_op
+import torch
+
+from hidiff_kernels import msw_attention
+from hidiff_kernels.ops.window_gather import window_ordered_attention, window_token_order
+
+from .ops import uses_triton
 
 
 class WindowAttnProcessor:
-    """Self-attention of each token with the tokens of its window (MSW-MSA), via the msw_attention op.
+    """Self-attention of each token with the tokens of its window (MSW-MSA).
 
     The projections are the attention module's own (so LoRA layers on them keep working); only the
-    softmax attention is windowed. ``feature_size`` is the (h, w) token map, recorded before every call by
+    softmax attention is windowed: by the fused msw_attention kernel (Triton backend), or (torch backend)
+    by gathering the block's input tokens in window order once, attending per window with SDPA and
+    scattering the output back once: two copies of the map where the original's roll/partition makes four. ``feature_size`` is the (h, w) token map, recorded before every call by
     a pre-hook on the enclosing Transformer2DModel.
     """
 
-    def __init__(self, state):
+    def __init__(self, state, index):
         self.state = state
+        self.index = index  # which of the UNet call's window phases is this block's
         self.feature_size = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
@@ -27,18 +35,36 @@ class WindowAttnProcessor:
         if h * w != tokens:
             raise RuntimeError(f"HiDiffusion window attention: feature map {h}x{w} does not match {tokens} tokens")
 
-        q, k, v = (proj(hidden_states).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        msw_attention = kernel_op("msw_attention", self.state.backend, q.device)
-        out = msw_attention(q, k, v, (h, w), self.state.window_shift(h, w), scale=attn.scale)
-        out = attn.to_out[0](out.flatten(2).to(q.dtype))
+        shift = shift_for_phase(h, w, self.state.phase(self.index))
+        out = window_attention(attn, hidden_states, (h, w), shift, fused=uses_triton(self.state.backend, hidden_states.device))
         out = attn.to_out[1](out)  # dropout
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+def window_attention(attn, hidden_states, size, shift, fused):
+    """attn1's projections around MSW-MSA, up to its output projection (no dropout or residual).
+
+    fused: the msw_attention kernel on the tokens in place. Otherwise the tokens are gathered in window order
+    before the projections (they act per token) and scattered back after the output projection.
+    """
+    if fused:
+        x = hidden_states
+    else:
+        order, counts = window_token_order(size, shift, hidden_states.device)
+        x = hidden_states.index_select(1, order)
+    q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if fused:
+        out = msw_attention(q, k, v, size, shift, scale=attn.scale)
+    else:
+        out = window_ordered_attention(q, k, v, counts, attn.scale)
+    out = attn.to_out[0](out.flatten(2).to(q.dtype))
+    return out if fused else torch.empty_like(out).index_copy_(1, order, out)
 
 
 def shift_for_phase(h, w, phase):
@@ -46,6 +72,7 @@ def shift_for_phase(h, w, phase):
 
     As in the original implementation, a zero height shift (windows under 4 rows) skips the roll
     altogether, dropping the width shift too: it only happens on tiny maps, and keeps images identical.
+    Branches only on the map size, never on ``phase`` (a symbolic int under torch.compile).
     """
-    shift_h, shift_w = math.ceil(h / 2) // 4 * phase, math.ceil(w / 2) // 4 * phase
-    return (shift_h, shift_w) if shift_h > 0 else (0, 0)
+    unit_h, unit_w = math.ceil(h / 2) // 4, math.ceil(w / 2) // 4
+    return (unit_h * phase, unit_w * phase) if unit_h > 0 else (0, 0)

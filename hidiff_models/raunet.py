@@ -1,7 +1,7 @@
 """RAU-Net as hooks and instance-level forward overrides: module names and state_dict keys never change.
 
 Every ``install_*`` returns an undo callable. The hooks read ``state.ops`` (the ActiveOps of the UNet call
-in progress, set by the UNet's pre-hook) and ``state.backend``.
+in progress, set before the UNet's forward by its patched ``__call__``) and ``state.backend``.
 """
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,10 @@ def override_forward(module, make_forward):
     return undo
 
 
+_DOWNSAMPLER_GEOMETRY = ((2, 2), (1, 1), (1, 1))  # stride, padding, dilation of a 3x3 downsampler conv
+_RAD_GEOMETRY = ((4, 4), (2, 2), (2, 2))
+
+
 def install_rad_conv(conv, state):
     """RAD-conv: while active, the downsampler conv runs with stride 4, padding 2, dilation 2."""
 
@@ -41,6 +45,21 @@ def install_rad_conv(conv, state):
         return forward
 
     return override_forward(conv, make_forward)
+
+
+def widen_lora_down_convs(downsampler, conv):
+    """Give RAD-conv's geometry to the 3x3 stride-2 convs beside ``conv`` in ``downsampler`` (the down
+    projections of a LoRA on it, peft's lora_A, whose output is added to the conv's); returns them."""
+    convs = [m for m in downsampler.modules() if type(m) is nn.Conv2d and m is not conv and m.kernel_size == (3, 3)
+             and (m.stride, m.padding, m.dilation) == _DOWNSAMPLER_GEOMETRY]
+    for m in convs:
+        m.stride, m.padding, m.dilation = _RAD_GEOMETRY
+    return convs
+
+
+def restore_lora_down_convs(convs):
+    for m in convs:
+        m.stride, m.padding, m.dilation = _DOWNSAMPLER_GEOMETRY
 
 
 def is_plain_upsampler(module) -> bool:

@@ -2,7 +2,8 @@
 
 Nothing here counts calls: an interrupted generation, an extra UNet call, or two pipelines sharing one UNet
 cannot shift the schedule. A patched pipeline's ``__call__`` publishes itself in a context variable for the
-duration of the call; the UNet's pre-hook reads the scheduler of that pipeline.
+duration of the call; the patched UNet's ``__call__`` reads the scheduler of that pipeline (eagerly, outside
+any torch.compile'd forward).
 """
 import contextlib
 import contextvars
@@ -112,11 +113,16 @@ def tracking_class(cls):
             finally:
                 _pipeline_call.reset(token)
 
-        # Same name and module: config saving and repr see the user's class.
-        tracking = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                               "__qualname__": cls.__qualname__, "_hidiff_base_class": cls})
+        tracking = same_named_subclass(cls, __call__)
         _TRACKING_CLASSES[cls] = tracking
     return _TRACKING_CLASSES[cls]
+
+
+def same_named_subclass(cls, __call__):
+    """A subclass of ``cls`` with this ``__call__``, and cls's name and module: config saving and repr see the
+    user's class."""
+    return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__, "_hidiff_base_class": cls})
 
 
 def untracked_class(cls):

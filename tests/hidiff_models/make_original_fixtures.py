@@ -68,6 +68,13 @@ def run_original(model, inputs, k):
     return latents
 
 
+def save_fixture(out, name):
+    path = HERE / "fixtures" / name
+    path.parent.mkdir(exist_ok=True)
+    torch.save(out, path)
+    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+
+
 def main():
     # Odd feature maps make the original resize them bicubically, which hidiff deliberately does not do
     # (docs/hidiffusion-method.md): the cases must not go there.
@@ -97,10 +104,7 @@ def main():
         name_or_path=NAME_OR_PATH,
         rand_for_shift=RAND_FOR_SHIFT,
     )
-    path = HERE / "fixtures" / "original_latents.pt"
-    path.parent.mkdir(exist_ok=True)
-    torch.save(out, path)
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    save_fixture(out, "original_latents.pt")
 
 
 if __name__ == "__main__":

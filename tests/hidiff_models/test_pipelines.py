@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
@@ -13,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 import hidiff_models.adapter as adapter
 import hidiff_models.raunet as raunet
+import hidiff_models
 from hidiff_models import apply_hidiffusion, remove_hidiffusion
 from hidiff_models.configs import build_unet, seed_weights
 from hidiff_models.schedule import active_ops
@@ -208,23 +210,47 @@ def test_model_cpu_offload_before_and_after_apply(parts):
     assert torch.equal(generate(late), expected)
 
 
-def add_lora(unet):
+ATTENTION_LORA = ["to_q", "to_k", "to_v", "to_out.0"]
+CONV_LORA = ["downsamplers.0.conv", "upsamplers.0.conv"]  # incl. the RAD-conv and the fused upsamplers
+
+
+def add_lora(unet, target_modules=ATTENTION_LORA):
     peft = pytest.importorskip("peft", reason="peft is not installed")
     torch.manual_seed(4)
-    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                     init_lora_weights=False))
+    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=target_modules, init_lora_weights=False))
 
 
-def test_lora_before_and_after_apply(parts):
+@pytest.mark.parametrize("target_modules", [ATTENTION_LORA, CONV_LORA], ids=["attention", "conv"])
+def test_lora_before_and_after_apply(parts, target_modules):
     before = sd15_pipe(parts)
-    add_lora(before.unet)
+    add_lora(before.unet, target_modules)
     lora_only = generate(before)
     apply_hidiffusion(before, backend="torch")
     after = apply_hidiffusion(sd15_pipe(parts), backend="torch")
-    plain = generate(after)
-    add_lora(after.unet)
+    plain = generate(after)  # step 0 of 4 runs RAD-conv
+    add_lora(after.unet, target_modules)
     with_lora = generate(after)
     assert not torch.equal(with_lora, plain)
     assert torch.equal(generate(before), with_lora)
     remove_hidiffusion(before)
     assert torch.equal(generate(before), lora_only)
+
+
+def test_conv_lora_follows_rad_conv(parts):
+    # While RAD-conv is active, the LoRA on the downsampler conv runs with the conv's stride-4 dilated
+    # geometry: conv(x) + B(A(x)) * scale, A and the conv both with stride 4, padding 2, dilation 2.
+    unet = apply_hidiffusion(sd15_pipe(parts), backend="torch").unet
+    add_lora(unet, ["down_blocks.0.downsamplers.0.conv"])
+    lora = unet.down_blocks[0].downsamplers[0].conv
+    seen = []
+    lora.register_forward_hook(lambda module, args, out: seen.append((args[0], out)))
+    sample, context = torch.randn(1, 4, 16, 16), torch.randn(1, 7, 32)
+    with torch.no_grad(), hidiff_models.denoising_step(unet, step=0, num_steps=10):
+        unet(sample, 500, encoder_hidden_states=context)
+    (x, out), = seen
+    rad = dict(stride=4, padding=2, dilation=2)
+    expected = F.conv2d(x, lora.base_layer.weight, lora.base_layer.bias, **rad) + F.conv2d(
+        F.conv2d(x, lora.lora_A["default"].weight, **rad), lora.lora_B["default"].weight) * lora.scaling["default"]
+    assert out.shape[-2:] == (4, 4)
+    torch.testing.assert_close(out, expected)
+    assert lora.lora_A["default"].stride == (2, 2)  # the LoRA's own geometry is back after the call

@@ -1,0 +1,281 @@
+"""The original HiDiffusion's SDXL ControlNet schedule (hidiff_models/controlnet.py) on tiny real pipelines.
+
+fixtures/original_sdxl_controlnet.pt holds final latents of tiny SDXL ControlNet pipelines (text-to-image,
+guess mode, img2img; 10 DDIM steps with CFG) with the original applied on diffusers 0.29.2 and without it,
+recorded by make_original_controlnet_fixture.py. Here the same pipelines run on the project's diffusers
+with apply_hidiffusion(backend="torch") and the SDXL ControlNet override.
+"""
+import importlib.util
+import inspect
+import pathlib
+import types
+
+import pytest
+import torch
+
+import hidiff_models.controlnet as cn
+import hidiff_models.raunet as raunet
+from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
+
+HERE = pathlib.Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("tiny_sdxl_controlnet", HERE / "tiny_sdxl_controlnet.py")
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
+
+FIXTURES = torch.load(HERE / "fixtures" / "original_sdxl_controlnet.pt", weights_only=True)
+TOL = 1e-5
+
+
+def apply(pipe, **kwargs):
+    return apply_hidiffusion(pipe, backend="torch", **kwargs)
+
+
+def test_fixture_covers_the_cases():
+    meta = FIXTURES["meta"]
+    assert meta["num_steps"] == tiny.NUM_STEPS and meta["ddim"] == tiny.DDIM_CONFIG and meta["seeds"] == tiny.SEEDS
+    assert {case for case, _ in meta["cases"]} == set(tiny.RECORDED) == set(FIXTURES["vanilla"])
+
+
+@pytest.mark.parametrize("case", tiny.RECORDED)
+def test_vanilla_matches_recorded_vanilla(case):
+    # Guards the comparison: same weights, text encoders, schedule and pipeline numerics on both versions.
+    latents = tiny.generate(tiny.build_pipeline(tiny.CASES[case][0]), case)
+    assert tiny.rel_err(latents, FIXTURES["vanilla"][case]) < TOL
+
+
+@pytest.mark.parametrize("case,k", [tuple(c) for c in FIXTURES["meta"]["cases"]],
+                         ids=[f"{c}_k{k}" for c, k in FIXTURES["meta"]["cases"]])
+def test_matches_original(case, k):
+    pipe = apply(tiny.build_pipeline(tiny.CASES[case][0]), window_shift=k)
+    latents = tiny.generate(pipe, case)
+    assert tiny.rel_err(latents, FIXTURES["original"][f"{case}_k{k}"]) < TOL
+
+
+# ----------------------------------------------------------------------------------------------- unit tests
+
+
+def original_input_size(h, w):
+    """The original's lines (hidiffusion 0.1.10, sdxl_contrtolnet_ppl.__call__)."""
+    original_h, original_w = (128, 128)
+    downsample_factor = max(h / original_h, w / original_w)
+    return (int(h // downsample_factor) // 8 * 8, int(w // downsample_factor) // 8 * 8)
+
+
+@pytest.mark.parametrize("size", [(32, 24), (128, 128), (256, 192), (200, 136), (96, 160), (300, 301), (129, 65),
+                                  (512, 256), (24, 32), (1, 1)])
+def test_input_size_is_the_originals(size):
+    assert cn.controlnet_input_size(*size) == original_input_size(*size)
+
+
+def test_too_elongated_latent_is_refused():
+    with pytest.raises(ValueError, match="too elongated"):
+        cn.controlnet_input_size(8, 512)
+
+
+@pytest.mark.parametrize("n", range(1, 31))
+def test_runs_for_the_first_60_percent(n):
+    assert [cn.controlnet_runs(s, n) for s in range(n)] == [i < 0.6 * n for i in range(n)]
+
+
+def test_markers_survive_guess_mode_and_nothing_else():
+    marker = cn.NO_RESIDUAL
+    assert torch.cat([torch.zeros_like(marker), marker]) is marker
+    assert torch.cat(tensors=[marker, marker], dim=0) is marker
+    for op in (lambda: torch.cat([marker, torch.ones(1)]), lambda: torch.zeros_like(marker, dtype=torch.float16),
+               lambda: torch.add(torch.ones(1), marker)):
+        with pytest.raises(TypeError, match="NO_RESIDUAL"):
+            op()
+    # operators: torch turns the TypeError into NotImplemented, then Python raises its own
+    for op in (lambda: marker + torch.ones(1), lambda: torch.ones(1) + marker, lambda: marker * 2):
+        with pytest.raises(TypeError):
+            op()
+
+
+def test_unet_kwargs():
+    down, mid = (torch.ones(1, 2, 4, 4), torch.ones(1, 2, 2, 2)), torch.ones(1, 2, 1, 1)
+    out = cn.unet_controlnet_kwargs(dict(sample=1, down_block_additional_residuals=down, mid_block_additional_residual=mid))
+    assert out["sample"] == 1 and isinstance(out["mid_block_additional_residual"], raunet.ResizedResidual)
+    assert [r.tensor for r in out["down_block_additional_residuals"]] == list(down)
+    markers = dict(sample=1, down_block_additional_residuals=[cn.NO_RESIDUAL] * 2, mid_block_additional_residual=cn.NO_RESIDUAL)
+    assert cn.unet_controlnet_kwargs(markers) == dict(sample=1, down_block_additional_residuals=None,
+                                                      mid_block_additional_residual=None)
+    assert cn.unet_controlnet_kwargs(dict(sample=1)) == dict(sample=1)
+    with pytest.raises(TypeError, match="mixing"):
+        cn.unet_controlnet_kwargs(dict(down_block_additional_residuals=down, mid_block_additional_residual=cn.NO_RESIDUAL))
+
+
+class Spy:
+    """Per UNet call: the residual kwargs the UNet gets; per ControlNet run: (net index, latent size, image size)
+    as the ControlNet's layers see them (hooks on pipe.controlnet itself would see the call before the override)."""
+
+    def __init__(self, pipe):
+        self.unet, self.samples, self.images = [], [], []
+        pipe.unet.register_forward_pre_hook(self.unet_hook, with_kwargs=True)
+        for index, net in enumerate(getattr(pipe.controlnet, "nets", [pipe.controlnet])):
+            net.conv_in.register_forward_pre_hook(lambda m, args, i=index: self.samples.append((i, tuple(args[0].shape))))
+            net.controlnet_cond_embedding.register_forward_pre_hook(
+                lambda m, args, i=index: self.images.append((i, tuple(args[0].shape))))
+
+    @property
+    def controlnet(self):
+        assert [i for i, _ in self.samples] == [i for i, _ in self.images]
+        return [(i, sample, image) for (i, sample), (_, image) in zip(self.samples, self.images)]
+
+    def unet_hook(self, module, args, kwargs):
+        down, mid = kwargs["down_block_additional_residuals"], kwargs["mid_block_additional_residual"]
+        if down is None:
+            assert mid is None
+            self.unet.append(None)
+        else:
+            assert all(isinstance(r, raunet.ResizedResidual) for r in (*down, mid))
+            self.unet.append(tuple(tuple(r.tensor.shape[-2:]) for r in (*down, mid)))
+
+
+def test_schedule_and_sizes_in_a_pipeline():
+    pipe = apply(tiny.build_pipeline(), window_shift=0)
+    spy = Spy(pipe)
+    latents = tiny.generate(pipe, "text2img", num_inference_steps=3)
+    assert torch.isfinite(latents).all()
+    # n = 3: steps 0 and 1 (< 1.8) run the ControlNet at the 128-latent base (32x24 -> 128x96, image 8x).
+    assert spy.controlnet == [(0, (2, 4, 128, 96), (2, 3, 1024, 768))] * 2
+    residual_sizes = ((128, 96),) * 3 + ((64, 48),) * 3 + ((32, 24),) * 3 + ((32, 24),)
+    assert spy.unet == [residual_sizes, residual_sizes, None]
+
+
+@pytest.fixture
+def small_base(monkeypatch):
+    """A 16-latent base: 32x24 latents -> 16x8 ControlNet input, cheap (the real base is tested above)."""
+    monkeypatch.setattr(cn, "BASE_LATENT_SIZE", (16, 16))
+
+
+def test_guess_mode_markers_pass_the_pipeline(small_base):
+    pipe = apply(tiny.build_pipeline())
+    spy = Spy(pipe)
+    latents = tiny.generate(pipe, "text2img_guess", num_inference_steps=4)
+    assert torch.isfinite(latents).all()
+    # guess mode: the ControlNet sees the conditional half only; steps 0..2 (< 2.4)
+    assert spy.controlnet == [(0, (1, 4, 16, 8), (1, 3, 128, 64))] * 3
+    assert [s is None for s in spy.unet] == [False] * 3 + [True]
+
+
+def test_multicontrolnet(small_base):
+    pipe = apply(tiny.build_pipeline(multi=True))
+    spy = Spy(pipe)
+    latents = tiny.generate(pipe, "text2img", num_inference_steps=3, image=[tiny.control_image(), tiny.control_image(13)])
+    assert torch.isfinite(latents).all()
+    assert spy.controlnet == [(i, (2, 4, 16, 8), (2, 3, 128, 64)) for _ in range(2) for i in range(2)]
+    assert [s is None for s in spy.unet] == [False, False, True]
+
+
+def test_inpainting_with_euler(small_base):
+    # Markers through the inpainting pipeline's guess mode; Euler: the step comes from scheduler.step_index.
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = tiny.build_pipeline("inpaint")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    apply(pipe)
+    spy = Spy(pipe)
+    latents = tiny.generate(pipe, "inpaint", num_inference_steps=6, guess_mode=True)  # strength 0.7: n = 4
+    assert torch.isfinite(latents).all()
+    assert spy.controlnet == [(0, (1, 4, 16, 8), (1, 3, 128, 64))] * 3  # steps 0..2 (< 2.4)
+    assert [s is None for s in spy.unet] == [False] * 3 + [True]
+
+
+def test_without_raunet(small_base):
+    # The original replaces the pipeline's call whatever apply_raunet says: the ControlNet schedule and the
+    # residual resizing stay (the UNet's pre-call step must convert the residual kwargs before any RAU-Net check).
+    pipe = apply(tiny.build_pipeline(), apply_raunet=False)
+    spy = Spy(pipe)
+    latents = tiny.generate(pipe, "text2img", num_inference_steps=3)
+    assert torch.isfinite(latents).all()
+    assert spy.unet[0][0] == (16, 8) and spy.unet[1:] == [spy.unet[0], None]
+
+
+def direct_inputs(pipe):
+    return dict(sample=torch.randn(2, 4, 32, 24), timestep=torch.tensor(500), encoder_hidden_states=torch.randn(2, 5, 32),
+                controlnet_cond=tiny.control_image().repeat(2, 1, 1, 1),
+                added_cond_kwargs=dict(text_embeds=torch.randn(2, 32), time_ids=torch.randn(2, 6)))
+
+
+@pytest.mark.parametrize("return_dict", [True, False])
+def test_direct_call_inside_denoising_step(small_base, return_dict):
+    pipe = apply(tiny.build_pipeline())
+    inputs = direct_inputs(pipe)
+    with torch.no_grad(), denoising_step(pipe, step=0, num_steps=2):
+        ran = pipe.controlnet(**inputs, return_dict=return_dict)
+    with torch.no_grad(), denoising_step(pipe, step=2, num_steps=3):  # 2 >= 0.6 * 3
+        skipped = pipe.controlnet(**inputs, return_dict=return_dict)
+    with torch.no_grad():
+        expected = type(pipe.controlnet).forward(
+            pipe.controlnet, **dict(inputs, sample=torch.nn.functional.interpolate(inputs["sample"], (16, 8)),
+                                    controlnet_cond=torch.nn.functional.interpolate(inputs["controlnet_cond"], (128, 64))),
+            return_dict=False)
+    if return_dict:
+        assert type(ran).__name__ == type(skipped).__name__ == "ControlNetOutput"
+        ran, skipped = (ran.down_block_res_samples, ran.mid_block_res_sample), (
+            skipped.down_block_res_samples, skipped.mid_block_res_sample)
+    assert all(torch.equal(a, b) for a, b in zip((*ran[0], ran[1]), (*expected[0], expected[1])))
+    assert skipped == ((cn.NO_RESIDUAL,) * len(expected[0]), cn.NO_RESIDUAL)
+    # outside a pipeline call and without denoising_step there is no step to decide with
+    with pytest.raises(RuntimeError, match="denoising step"):
+        pipe.controlnet(**inputs)
+
+
+def test_union_controlnet(small_base):
+    # ControlNetUnionModel takes a list of conditioning images: each is resized.
+    from diffusers import ControlNetUnionModel
+
+    config = tiny.configs.unet_config("sdxl", "tiny")
+    del config["up_block_types"], config["sample_size"]
+    config.update(transformer_layers_per_block=1, conditioning_embedding_out_channels=(4, 4, 4, 4), num_control_type=2,
+                  num_trans_channel=32, num_trans_head=2, num_proj_channel=32)
+    pipe = tiny.build_pipeline()
+    pipe.controlnet = tiny.configs.seed_weights(ControlNetUnionModel(**config), 3).eval()
+    apply(pipe)
+    spy = Spy(pipe)
+    inputs = dict(direct_inputs(pipe), controlnet_cond=[direct_inputs(pipe)["controlnet_cond"]],
+                  control_type=torch.tensor([[1.0, 0.0]] * 2), control_type_idx=[0])
+    with torch.no_grad(), denoising_step(pipe, step=0, num_steps=3):
+        pipe.controlnet(**inputs, return_dict=False)
+    with torch.no_grad(), denoising_step(pipe, step=2, num_steps=3):
+        skipped = pipe.controlnet(**inputs)
+    assert spy.controlnet == [(0, (2, 4, 16, 8), (2, 3, 128, 64))]
+    assert skipped.mid_block_res_sample is cn.NO_RESIDUAL and len(skipped.down_block_res_samples) == 9
+
+
+def test_positional_arguments_are_resized(small_base):
+    pipe = apply(tiny.build_pipeline())
+    inputs = direct_inputs(pipe)
+    spy = Spy(pipe)
+    with torch.no_grad(), denoising_step(pipe, step=0, num_steps=2):
+        pipe.controlnet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"], inputs["controlnet_cond"],
+                        added_cond_kwargs=inputs["added_cond_kwargs"], return_dict=False)
+    assert spy.controlnet == [(0, (2, 4, 16, 8), (2, 3, 128, 64))]
+
+
+def test_remove_and_reapply_restore_the_forward():
+    pipe = tiny.build_pipeline()
+    assert "forward" not in pipe.controlnet.__dict__
+    apply(pipe)
+    apply(pipe)  # re-applying replaces the override, never stacks it
+    override = pipe.controlnet.__dict__["forward"]
+    previous = inspect.getclosurevars(override).nonlocals["previous"]
+    assert previous.__func__ is type(pipe.controlnet).forward
+    remove_hidiffusion(pipe)
+    assert "forward" not in pipe.controlnet.__dict__
+
+
+def test_sd15_type_and_no_controlnet_are_untouched():
+    controlnet = torch.nn.Linear(1, 1)
+    for model_type, pipe in (("sd15", types.SimpleNamespace(controlnet=controlnet, unet=None)),
+                             ("sdxl", types.SimpleNamespace(controlnet=None, unet=None))):
+        undo = cn.install_sdxl_controlnet(pipe, types.SimpleNamespace(model_type=model_type))
+        undo()
+        assert "forward" not in controlnet.__dict__
+
+
+def test_unsupported_controlnet_is_refused():
+    pipe = types.SimpleNamespace(controlnet=torch.nn.Linear(1, 1), unet=None)
+    with pytest.raises(ValueError, match="Linear"):
+        cn.check_sdxl_controlnet(pipe, "sdxl")
+    cn.check_sdxl_controlnet(pipe, "sd15")
