@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # hidiff GPU device check: the one prepared script for a lent GPU machine (about 6-7 minutes; the stages are
-# capped at 470 s in all). It needs no network.
+# capped at 530 s in all). It needs no network.
 #
 # Before the call, here in the repository root, fetch the one package the GPU image lacks (it has torch,
 # triton, einops, numpy, tqdm, huggingface-hub, safetensors, pillow, regex, requests, filelock, pytest,
@@ -24,7 +24,9 @@
 #            CFG batch 2: vanilla / backend torch / backend triton at step 0 (RAU-Net + MSW-MSA) and step 49
 #            (MSW-MSA only), with the triton-vs-torch relative error, and the op rows
 #   msw, rau the tables of benchmarks/bench_msw_attention.py and benchmarks/bench_rau_conv.py
-# Everything goes to $OUT/log (and bench.json, build.json, parity.txt, msw.txt, rau.txt); a compact summary is
+#   compile  benchmarks/compile_check.py: torch.compile(fullgraph=True) of a patched tiny UNet with the Triton
+#            backend (inductor; default mode and reduce-overhead = CUDA graphs) against eager
+# Everything goes to $OUT/log (and bench.json, build.json, parity.txt, msw.txt, rau.txt, compile.txt); a compact summary is
 # printed last.
 #
 # STAGES="unet msw" runs a subset; a dry run of the script on a CPU machine:
@@ -32,7 +34,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-${TMPDIR:-/tmp}/hidiff-device-check}
-STAGES=${STAGES:-"build parity unet msw rau"}
+STAGES=${STAGES:-"build parity unet msw rau compile"}
 DEVICE=${DEVICE:-cuda}
 BENCH_ARGS=${BENCH_ARGS:-"--repeats 3"}
 PY=${PYTHON:-python3}
@@ -78,6 +80,7 @@ summary() {
     if [ -f "$OUT/parity.txt" ]; then echo "parity: $(tail -n 1 "$OUT/parity.txt")"; fi
     if [ -f "$OUT/msw.txt" ]; then echo "msw_attention (fused rows; last column: speed-up vs the original path):"; grep " fused " "$OUT/msw.txt"; fi
     if [ -f "$OUT/rau.txt" ]; then echo "rau convs (hidiff rows; speed-up vs cuDNN, peak MiB):"; grep " hidiff " "$OUT/rau.txt"; fi
+    if [ -f "$OUT/compile.txt" ]; then echo "torch.compile:"; grep -E "^(default|reduce-overhead) " "$OUT/compile.txt"; fi
     if [ -f "$OUT/bench.json" ]; then
         "$PY" -c "import json, sys; from hidiff_models import bench; r = json.load(open(sys.argv[1])); print(('PARTIAL (stage cut short) ' if r['meta'].get('partial') else '') + bench.compact_table(r))" "$OUT/bench.json"
     fi
@@ -96,17 +99,19 @@ main() {
     export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     unset TRITON_INTERPRET
 
-    # The limits add up to 470 s: with the install, env report and summary, well inside a 600 s call.
+    # The limits add up to 530 s: with the install, env report and summary, inside a 600 s call; compile is
+    # last, so a slow inductor cannot starve the measurements.
     echo
     echo "=== env"
     env_report
     stage build 60 "$PY" -m hidiff_kernels.build_check --json "$OUT/build.json"
-    stage parity 100 bash -c "set -o pipefail; '$PY' -m pytest tests/hidiff_kernels -q -x -p no:cacheprovider \
+    stage parity 90 bash -c "set -o pipefail; '$PY' -m pytest tests/hidiff_kernels -q -x -p no:cacheprovider \
         --ignore=tests/hidiff_kernels/test_build.py 2>&1 | tee '$OUT/parity.txt'"
     # shellcheck disable=SC2086
-    stage unet 190 "$PY" -m hidiff_models bench --device "$DEVICE" $BENCH_ARGS --json "$OUT/bench.json"
+    stage unet 180 "$PY" -m hidiff_models bench --device "$DEVICE" $BENCH_ARGS --json "$OUT/bench.json"
     stage msw 75 bash -c "set -o pipefail; '$PY' benchmarks/bench_msw_attention.py 2>&1 | tee '$OUT/msw.txt'"
     stage rau 45 bash -c "set -o pipefail; '$PY' benchmarks/bench_rau_conv.py 2>&1 | tee '$OUT/rau.txt'"
+    stage compile 80 bash -c "set -o pipefail; '$PY' benchmarks/compile_check.py 2>&1 | tee '$OUT/compile.txt'"
     summary
 }
 
