@@ -13,10 +13,8 @@ class WindowAttnProcessor:
     """Self-attention of each token with the tokens of its window (MSW-MSA).
 
     The projections are the attention module's own (so LoRA layers on them keep working); only the
-    softmax attention is windowed: by the fused msw_attention kernel (Triton backend), or (torch backend)
-    by gathering the block's input tokens in window order once, attending per window with SDPA and
-    scattering the output back once: two copies of the map where the original's roll/partition makes four. ``feature_size`` is the (h, w) token map, recorded before every call by
-    a pre-hook on the enclosing Transformer2DModel.
+    softmax attention is windowed (see ``window_attention``). ``feature_size`` is the (h, w) token map,
+    recorded before every call by a pre-hook on the enclosing Transformer2DModel.
     """
 
     def __init__(self, state, index):
@@ -36,7 +34,8 @@ class WindowAttnProcessor:
             raise RuntimeError(f"HiDiffusion window attention: feature map {h}x{w} does not match {tokens} tokens")
 
         shift = shift_for_phase(h, w, self.state.phase(self.index))
-        out = window_attention(attn, hidden_states, (h, w), shift, fused=uses_triton(self.state.backend, hidden_states.device))
+        fused = uses_triton(self.state.backend, hidden_states.device)
+        out = window_attention(attn, hidden_states, (h, w), shift, fused)
         out = attn.to_out[1](out)  # dropout
         if attn.residual_connection:
             out = out + hidden_states
@@ -46,8 +45,10 @@ class WindowAttnProcessor:
 def window_attention(attn, hidden_states, size, shift, fused):
     """attn1's projections around MSW-MSA, up to its output projection (no dropout or residual).
 
-    fused: the msw_attention kernel on the tokens in place. Otherwise the tokens are gathered in window order
-    before the projections (they act per token) and scattered back after the output projection.
+    fused: the msw_attention kernel on the tokens in place (Triton backend). Otherwise (torch backend) the
+    tokens are gathered in window order before the projections (they act per token), attend per window with
+    SDPA, and are scattered back after the output projection: two copies of the map where the original's
+    roll/partition makes four.
     """
     if fused:
         x = hidden_states
