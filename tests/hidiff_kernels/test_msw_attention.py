@@ -135,6 +135,29 @@ def test_torch_compile_fullgraph():
     assert relative_error(compiled(q, k, v), expected(q, k, v, (5, 4), (2, 1))) < 1e-5
 
 
+def test_torch_compile_symbolic_shift():
+    """A shift that is a symbolic int under compile (how the adapter passes random window phases) reaches the
+    op without specializing the graph: one graph for every shift, each result right."""
+    q, k, v = qkv(1, 6, 5, 2, 16)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def windowed(q, k, v, shift_size):  # the shift is read from a tensor size (marked dynamic below)
+        return hidiff_kernels.msw_attention(q, k, v, (6, 5), (shift_size.shape[0] - 2, 1))
+
+    torch._dynamo.reset()
+    compiled = torch.compile(windowed, backend=counting_backend, fullgraph=True)
+    for sh in (0, 3, 5, 1):
+        shift_size = torch.empty(sh + 2, 0)
+        torch._dynamo.maybe_mark_dynamic(shift_size, 0)
+        assert relative_error(compiled(q, k, v, shift_size), expected(q, k, v, (6, 5), (sh, 1))) < 1e-5, sh
+    assert len(graphs) == 1
+    torch._dynamo.reset()
+
+
 def test_custom_op_registration():
     """Schema, fake (meta) implementation and AOT dispatch agree with the real op."""
     q, k, v = qkv(1, 5, 4, 2, 16)
