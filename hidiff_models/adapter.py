@@ -147,10 +147,10 @@ def _tracking_unet_class(cls):
         def __call__(self, *args, **kwargs):
             state = self.__dict__.get(STATE_ATTR)
             if state is None:
-                return super(tracking, self).__call__(*args, **kwargs)
+                return cls.__call__(self, *args, **kwargs)
             try:
                 args, kwargs = state.before_unet(self, args, kwargs)
-                return super(tracking, self).__call__(*args, **kwargs)
+                return cls.__call__(self, *args, **kwargs)
             finally:
                 state.after_unet()
 
@@ -198,8 +198,8 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
 
 
 def remove_hidiffusion(pipe_or_unet):
-    """Undo apply_hidiffusion on a pipeline or UNet (no-op when not patched); returns it."""
-    pipe, unet = _split(pipe_or_unet)
+    """Undo apply_hidiffusion on a pipeline or UNet (no-op when not patched), compiled since or not; returns it."""
+    pipe, unet = _split(pipe_or_unet, compiled_ok=True)
     state = unet.__dict__.get(STATE_ATTR)
     if state is not None:
         while state.undo:
@@ -270,15 +270,22 @@ def _feature_size_recorder(processors):
     return hook
 
 
-def _split(pipe_or_unet):
-    """(pipeline or None, UNet2DConditionModel), or TypeError."""
+def _split(pipe_or_unet, compiled_ok=False):
+    """(pipeline or None, UNet2DConditionModel), or TypeError.
+
+    A torch.compile'd UNet is looked through only when ``compiled_ok`` (removing): its compiled call was
+    bound before any patch, so applying after compiling would leave RAU-Net silently inactive.
+    """
     from diffusers import UNet2DConditionModel
 
-    if isinstance(pipe_or_unet, UNet2DConditionModel):
-        return None, pipe_or_unet
-    unet = getattr(pipe_or_unet, "unet", None)
-    if isinstance(unet, UNet2DConditionModel) and callable(pipe_or_unet):
-        return pipe_or_unet, unet
+    is_pipeline = not isinstance(getattr(pipe_or_unet, "_orig_mod", pipe_or_unet), UNet2DConditionModel)
+    unet = getattr(pipe_or_unet, "unet", None) if is_pipeline else pipe_or_unet
+    compiled = isinstance(getattr(unet, "_orig_mod", None), UNet2DConditionModel)
+    if compiled and not compiled_ok:
+        raise TypeError("this UNet is already compiled (torch.compile): apply HiDiffusion first, then compile")
+    unet = unet._orig_mod if compiled else unet
+    if isinstance(unet, UNet2DConditionModel) and (not is_pipeline or callable(pipe_or_unet)):
+        return (pipe_or_unet if is_pipeline else None), unet
     raise TypeError(
         "HiDiffusion needs a diffusers UNet2DConditionModel or a pipeline with one as `.unet`, "
         f"got {type(pipe_or_unet).__name__}"

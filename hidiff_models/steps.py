@@ -109,7 +109,7 @@ def tracking_class(cls):
         def __call__(self, *args, **kwargs):
             token = _pipeline_call.set(PipelineCall(self, pipeline_flags(self)))
             try:
-                return super(tracking, self).__call__(*args, **kwargs)
+                return cls.__call__(self, *args, **kwargs)
             finally:
                 _pipeline_call.reset(token)
 

@@ -132,3 +132,18 @@ def test_random_window_phases_do_not_recompile_per_draw():
     # The phases are symbolic: one graph serves every draw (5 blocks x 4 phases would otherwise be a graph per call).
     assert len(backend.graphs) == 1, len(backend.graphs)
     assert "index_select" in backend.graphs[-1].code
+
+
+def test_remove_after_compile_and_no_apply_after_compile():
+    unet = apply_hidiffusion(build_unet("sd15", "tiny", seed=1), backend="torch", window_shift=1)
+    vanilla = build_unet("sd15", "tiny", seed=1)
+    compiled = torch.compile(unet, backend=CountingBackend(), fullgraph=True)
+    patched = run(compiled, unet, 0)
+    with pytest.raises(TypeError, match="apply HiDiffusion first, then compile"):
+        apply_hidiffusion(compiled, backend="torch")
+    hidiff_models.remove_hidiffusion(compiled)
+    sample, kwargs = inputs()
+    with torch.no_grad():
+        expected = vanilla(sample, 500, **kwargs).sample
+        assert torch.equal(compiled(sample, 500, **kwargs).sample, expected)  # the graph saw the removal
+    assert not torch.equal(patched, expected)
