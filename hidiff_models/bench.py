@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from hidiff_kernels.benchmarking import timed_call_ms
 
 from .cli import UserError
+from .configs import build_unet
 
 BATCH = 2  # classifier-free guidance: the conditional and unconditional latents in one UNet call
 TRITON_ON_CPU = "n/a (needs CUDA; interpreter timings are not kernel performance)"
@@ -225,52 +226,9 @@ def _sizes_for(cfg, model):
 def _load(cfg, model, dtype, device):
     """(UNet, family 'sd15'/'sdxl') from the built-in configs or the local folder cfg.model_path."""
     if cfg.model_path is None:
-        return _build_builtin(model, cfg.unet_size, cfg.seed, dtype, device), model
+        return build_unet(model, cfg.unet_size, seed=cfg.seed, dtype=dtype, device=device), model
     unet = load_local_unet(cfg.model_path, dtype, device)
     return unet, model or family_of(unet)
-
-
-def _build_builtin(model, size, seed, dtype, device):
-    """configs.build_unet's UNet with the same weights, built faster: constructed on the meta device (torch's
-    own init, which the seeded weights overwrite, took a fifth of the full SD1.5 build) and seeded in threads."""
-    from diffusers import UNet2DConditionModel
-
-    from .configs import unet_config
-
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_config(model, size))
-    if any(True for _ in unet.buffers()):  # would be left uninitialised by to_empty
-        from .configs import build_unet
-
-        return build_unet(model, size, seed=seed, dtype=dtype, device=device)
-    with torch.inference_mode(False):  # the worker threads write into the parameters outside inference mode
-        unet = unet.to_empty(device="cpu")
-        _seed_in_threads(unet, seed)
-        return unet.to(device=device, dtype=dtype).eval()
-
-
-class _Parameters:
-    """A slice of a module's named parameters, for seed_weights (which reads only named_parameters())."""
-
-    def __init__(self, named):
-        self.named = named
-
-    def named_parameters(self):
-        return iter(self.named)
-
-
-def _seed_in_threads(unet, seed):
-    """configs.seed_weights over slices of the parameters in threads: every parameter draws from its own
-    (seed, name) generator, so the weights are the same; torch releases the GIL, so the cores share the work
-    (a full SDXL UNet draws 2.6 billion float64 normals)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .configs import seed_weights
-
-    named = list(unet.named_parameters())
-    jobs = max(1, min(len(named), os.cpu_count() or 1, 16))
-    with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(lambda i: seed_weights(_Parameters(named[i::jobs]), seed), range(jobs)))
 
 
 def has_weights(folder: Path) -> bool:

@@ -64,11 +64,7 @@ def single_thread():
 def build_unet(model: str):
     """The tiny built-in UNet with seeded weights, fp32, eval mode (a fresh one per run: the original
     keeps per-module state on the UNet)."""
-    from diffusers import UNet2DConditionModel
-
-    with single_thread():
-        unet = UNet2DConditionModel(**configs.unet_config(model, "tiny"))
-        return configs.seed_weights(unet, SEED).eval()
+    return configs.build_unet(model, "tiny", seed=SEED)
 
 
 def case_name(model, h, w, k=None):
