@@ -105,9 +105,7 @@ class HiDiffusionState:
             self.phase_sizes = tuple(torch.empty(k + _PHASE_SIZE_OFFSET, 0) for k in phases)
             for size in self.phase_sizes:
                 torch._dynamo.maybe_mark_dynamic(size, 0)
-        self.ops = INACTIVE
-        self.pre_pool_size = None
-        self.in_call = True
+        self.in_call = True  # ops and pre_pool_size are reset by after_unet, which ends every call
         kwargs = controlnet.unet_controlnet_kwargs(kwargs)
         if not self.apply_raunet:
             return args, kwargs
@@ -163,8 +161,8 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
                       window_shift=None, generator=None, model_type=None):
     """Patch a diffusers pipeline (with ``.unet``) or a UNet2DConditionModel with HiDiffusion; returns it.
 
-    backend: "triton" (fused kernels), "torch" (hidiff_kernels.reference) or "auto" (Triton for CUDA
-    tensors). window_shift: None draws the window phase k in {0..3} per block call from the adapter's own
+    backend: "triton" (fused kernels), "torch" (plain PyTorch: the reference convs, the window-gather
+    MSW-MSA) or "auto" (Triton for CUDA tensors). window_shift: None draws the window phase k in {0..3} per block call from the adapter's own
     generator (seeded by ``generator``, an int or a torch.Generator, restarted for every pipeline call);
     an int pins k. model_type: "sd15" (also SD2.x), "sdxl", "sdxl_turbo", or None to detect.
     """
@@ -378,7 +376,8 @@ def _check_layout(unet, layout, model_type, apply_window_attn):
         conv = _unwrapped(modules.get(layout.rad_conv))
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"{model_type} UNet layout mismatch: expected a Conv2d at {layout.rad_conv!r}")
-        if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != ((3, 3), (2, 2), (1, 1), (1, 1), 1):
+        if (conv.kernel_size, (conv.stride, conv.padding, conv.dilation), conv.groups) != (
+                (3, 3), raunet.DOWNSAMPLER_GEOMETRY, 1):
             raise ValueError(f"{layout.rad_conv} is not a 3x3 stride-2 downsampler conv")
     if not hasattr(unet, "num_upsamplers"):
         raise ValueError("this UNet has no num_upsamplers; RAU-Net cannot forward upsample sizes")

@@ -146,10 +146,10 @@ def install_sdxl_controlnet(pipe, state):
     A no-op (returning a no-op undo) unless ``state.model_type`` is an SDXL type and the pipeline has a
     ControlNet. During a call of the patched pipeline (or inside ``denoising_step(pipe.unet, ...)``), the
     ControlNet runs on resized inputs for ``step < 0.6 n`` and otherwise returns NO_RESIDUAL markers without
-    running; the UNet's pre-call step must apply ``unet_controlnet_kwargs``.
+    running; the UNet's pre-call step must apply ``unet_controlnet_kwargs``. apply_hidiffusion has checked the
+    ControlNet's class (check_sdxl_controlnet) before any change.
     """
-    check_sdxl_controlnet(pipe, state.model_type)
-    controlnet = getattr(pipe, "controlnet", None) if pipe is not None else None
+    controlnet = getattr(pipe, "controlnet", None)
     if state.model_type not in SDXL_MODEL_TYPES or controlnet is None:
         return lambda: None
     model = getattr(controlnet, "_orig_mod", controlnet)

@@ -29,7 +29,7 @@ def override_forward(module, make_forward):
     return undo
 
 
-_DOWNSAMPLER_GEOMETRY = ((2, 2), (1, 1), (1, 1))  # stride, padding, dilation of a 3x3 downsampler conv
+DOWNSAMPLER_GEOMETRY = ((2, 2), (1, 1), (1, 1))  # stride, padding, dilation of a 3x3 downsampler conv
 _RAD_GEOMETRY = ((4, 4), (2, 2), (2, 2))
 
 
@@ -51,7 +51,7 @@ def widen_lora_down_convs(downsampler, conv):
     """Give RAD-conv's geometry to the 3x3 stride-2 convs beside ``conv`` in ``downsampler`` (the down
     projections of a LoRA on it, peft's lora_A, whose output is added to the conv's); returns them."""
     convs = [m for m in downsampler.modules() if type(m) is nn.Conv2d and m is not conv and m.kernel_size == (3, 3)
-             and (m.stride, m.padding, m.dilation) == _DOWNSAMPLER_GEOMETRY]
+             and (m.stride, m.padding, m.dilation) == DOWNSAMPLER_GEOMETRY]
     for m in convs:
         m.stride, m.padding, m.dilation = _RAD_GEOMETRY
     return convs
@@ -59,7 +59,7 @@ def widen_lora_down_convs(downsampler, conv):
 
 def restore_lora_down_convs(convs):
     for m in convs:
-        m.stride, m.padding, m.dilation = _DOWNSAMPLER_GEOMETRY
+        m.stride, m.padding, m.dilation = DOWNSAMPLER_GEOMETRY
 
 
 def is_plain_upsampler(module) -> bool:

@@ -102,7 +102,7 @@ _TRACKING_CLASSES = {}
 
 
 def tracking_class(cls):
-    """A subclass of pipeline class ``cls`` whose ``__call__`` publishes the call for the UNet's hooks."""
+    """A subclass of pipeline class ``cls`` whose ``__call__`` publishes the call for its patched UNet's calls."""
     if cls not in _TRACKING_CLASSES:
 
         @functools.wraps(cls.__call__)
