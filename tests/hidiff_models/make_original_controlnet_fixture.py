@@ -19,7 +19,7 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import tiny_sdxl_controlnet as tiny  # noqa: E402
-from make_original_fixtures import RAND_FOR_SHIFT, pinned_torch, save_fixture  # noqa: E402
+from make_original_fixtures import RAND_FOR_SHIFT, assert_counters_wrapped, pinned_shift, save_fixture  # noqa: E402
 
 import diffusers  # noqa: E402
 import hidiffusion.hidiffusion as original  # noqa: E402
@@ -40,20 +40,14 @@ def run_original(case, k):
     assert pipe.name_or_path == tiny.NAME_OR_PATH
     original.apply_hidiffusion(pipe)
     calls = count_controlnet_calls(pipe)
-    proxy = pinned_torch(k)
-    saved, original.torch = original.torch, proxy
-    try:
+    with pinned_shift(k) as proxy:
         latents = tiny.generate(pipe, case)
-    finally:
-        original.torch = saved
     n = tiny.NUM_STEPS if kind == "text2img" else int(tiny.NUM_STEPS * tiny.CASES[case][1]["strength"])
     # 10 MSW-MSA blocks per UNet call: the patched blocks ran with pinned k, once per step.
     assert proxy.draws == n * 10, proxy.draws
     # The ControlNet ran for the steps i < 0.6 n only, at the 128-latent base size.
     assert calls == [(128, 96)] * sum(i < 0.6 * n for i in range(n)), calls
-    for name, module in pipe.unet.named_modules():
-        if hasattr(module, "_parent") and hasattr(module, "timestep"):
-            assert module.timestep == 0, (name, module.timestep)
+    assert_counters_wrapped(pipe.unet)
     return latents
 
 

@@ -11,6 +11,7 @@ Runs in a separate environment with the original package (it imports only with d
 each case in fidelity_loop.CASES with the original applied, the vanilla (unpatched) final latents per
 (model, size), and metadata.
 """
+import contextlib
 import pathlib
 import sys
 import types
@@ -34,8 +35,10 @@ NAME_OR_PATH = {"sd15": "runwayml/stable-diffusion-v1-5", "sdxl": "stabilityai/s
 RAND_FOR_SHIFT = {0: 0.1, 1: 0.3, 2: 0.6, 3: 0.9}
 
 
-def pinned_torch(k):
-    """A stand-in for the `torch` the original module sees, whose rand always picks shift k."""
+@contextlib.contextmanager
+def pinned_shift(k):
+    """Inside: the original module sees a stand-in `torch` whose rand always picks shift k; yields it (its
+    ``draws`` counts the picks)."""
     proxy = types.ModuleType("torch_with_pinned_rand")
     proxy.__getattr__ = lambda name: getattr(torch, name)
     proxy.draws = 0
@@ -45,7 +48,18 @@ def pinned_torch(k):
         return torch.full(shape, RAND_FOR_SHIFT[k])
 
     proxy.rand = rand
-    return proxy
+    saved, original.torch = original.torch, proxy
+    try:
+        yield proxy
+    finally:
+        original.torch = saved
+
+
+def assert_counters_wrapped(unet):
+    """Every module the original patched counted its calls back to 0: exactly n calls each."""
+    for name, module in unet.named_modules():
+        if hasattr(module, "_parent") and hasattr(module, "timestep"):
+            assert module.timestep == 0, (name, module.timestep)
 
 
 def run_original(model, inputs, k):
@@ -53,18 +67,11 @@ def run_original(model, inputs, k):
     unet.name_or_path = NAME_OR_PATH[model]
     unet._num_timesteps = fl.NUM_STEPS  # the original reads n from its "pipeline", here the UNet itself
     original.apply_hidiffusion(unet)
-    proxy = pinned_torch(k)
-    saved, original.torch = original.torch, proxy
-    try:
+    with pinned_shift(k) as proxy:
         latents = fl.denoise(unet, inputs)
-    finally:
-        original.torch = saved
     # 5 (sd15) or 10 (sdxl) MSW-MSA blocks per UNet call: proves the patched blocks ran with pinned k.
     assert proxy.draws == fl.NUM_STEPS * (5 if model == "sd15" else 10), proxy.draws
-    # Every patched module's call counter must have wrapped back to 0 (exactly NUM_STEPS calls each).
-    for name, module in unet.named_modules():
-        if hasattr(module, "_parent") and hasattr(module, "timestep"):
-            assert module.timestep == 0, (name, module.timestep)
+    assert_counters_wrapped(unet)
     return latents
 
 

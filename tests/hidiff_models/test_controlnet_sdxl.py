@@ -5,7 +5,6 @@ guess mode, img2img; 10 DDIM steps with CFG) with the original applied on diffus
 recorded by make_original_controlnet_fixture.py. Here the same pipelines run on the project's diffusers
 with apply_hidiffusion(backend="torch") and the SDXL ControlNet override.
 """
-import importlib.util
 import inspect
 import pathlib
 import types
@@ -14,13 +13,11 @@ import pytest
 import torch
 
 import hidiff_models.controlnet as cn
+import tiny_sdxl_controlnet as tiny  # beside this file (pytest puts the test directory on sys.path)
 import hidiff_models.raunet as raunet
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 
 HERE = pathlib.Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("tiny_sdxl_controlnet", HERE / "tiny_sdxl_controlnet.py")
-tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny)
 
 FIXTURES = torch.load(HERE / "fixtures" / "original_sdxl_controlnet.pt", weights_only=True)
 TOL = 1e-5

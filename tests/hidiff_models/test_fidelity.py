@@ -4,18 +4,15 @@ fixtures/original_latents.pt holds final latents of a 10-step DDIM + CFG loop on
 UNets with the original applied (window shift k pinned), recorded by make_original_fixtures.py in an
 environment with the original package. Here the same loop runs with hidiff's torch backend.
 """
-import importlib.util
 import pathlib
 
 import pytest
 import torch
 
+import fidelity_loop as fl  # beside this file (pytest puts the test directory on sys.path)
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 
 HERE = pathlib.Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("fidelity_loop", HERE / "fidelity_loop.py")
-fl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fl)
 
 FIXTURES = torch.load(HERE / "fixtures" / "original_latents.pt", weights_only=True)
 TOL = 1e-5

@@ -2,26 +2,18 @@
 
 Shared by make_original_controlnet_fixture.py (run beside the original hidiffusion package on diffusers
 0.29.2 and transformers 4.45) and test_controlnet_sdxl.py (the project's diffusers and transformers). It
-imports only torch, diffusers and transformers, and loads hidiff_models/configs.py by file path (the
-hidiff_models package itself does not import with the old diffusers). Every model's parameters are
+imports only torch, diffusers, transformers and fidelity_loop (which loads hidiff_models/configs.py by file
+path: the hidiff_models package itself does not import with the old diffusers). Every model's parameters are
 overwritten by configs.seed_weights, so the libraries' own initialisations never matter.
 """
-import importlib.util
 import json
 import pathlib
 import tempfile
 
 import torch
 
+import fidelity_loop as fl  # beside this file, on sys.path for pytest and for the fixture script
 
-def _load_fidelity_loop():
-    spec = importlib.util.spec_from_file_location("fidelity_loop", pathlib.Path(__file__).with_name("fidelity_loop.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fl = _load_fidelity_loop()
 configs, single_thread = fl.configs, fl.single_thread  # configs.py loaded by path; one-thread rounding
 
 NUM_STEPS = 10
