@@ -13,6 +13,12 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotune_enabled() -> bool:
+    """False under HIDIFF_AUTOTUNE=0: CUDA launches then take each kernel's first (default) config instead of
+    timing every candidate at each new shape: quicker first calls, slower kernels (used by the GPU parity run)."""
+    return os.environ.get("HIDIFF_AUTOTUNE", "1") != "0"
+
+
 def triton_runs_on(device: torch.device) -> bool:
     """CUDA tensors run the compiled kernel; CPU tensors run it only under TRITON_INTERPRET=1."""
     return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())

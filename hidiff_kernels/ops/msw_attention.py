@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .._common import check_msw_args, check_no_grad, interpreter_enabled, triton_runs_on
+from .._common import autotune_enabled, check_msw_args, check_no_grad, interpreter_enabled, triton_runs_on
 from ..build_check import KernelBuild
 
 _OP = "msw_attention"
@@ -24,7 +24,7 @@ _LOG2E = 1.4426950408889634
 # Half inputs: BLOCK_M a multiple of 64 (wgmma's rows per warpgroup on sm_90). fp32 inputs use
 # exact fp32 dots (FMA, no tensor cores) whose operands live in registers: smaller tiles. Every
 # entry compiles without register spills for sm_90 and sm_80 (python -m hidiff_kernels.build_check).
-_CUDA_CONFIGS = {
+CONFIGS = {
     (False, 64): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
     (False, 128): [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
     (False, 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
@@ -33,7 +33,7 @@ _CUDA_CONFIGS = {
     (True, 256): [(32, 16, 8, 1), (16, 16, 8, 1)],
 }
 # The interpreter runs one small config: autotuning it would only cost time.
-_INTERPRETER_CONFIG = (16, 16, 4, 1)
+INTERPRETER_CONFIG = (16, 16, 4, 1)
 
 
 @triton.jit
@@ -57,7 +57,9 @@ def _head_vectors(ptr, batch, head, tok, offs_d, stride_b, stride_n, stride_h, s
     return vectors
 
 
-@triton.jit
+# Sizes and shifts only enter index arithmetic: specializing on their divisibility by 16 would compile a new
+# variant for each shift phase of a generation.
+@triton.jit(do_not_specialize=["H", "W", "sh", "sw"])
 def _msw_attention_kernel(
     Q, K, V, O,
     stride_qb, stride_qn, stride_qh, stride_qd,
@@ -139,7 +141,7 @@ def _config_class(dtype, head_dim):
 def _tuned_kernel(config_class):
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in _CUDA_CONFIGS[config_class]
+        for bm, bn, w, s in CONFIGS[config_class]
     ]
     # H, W set the window sizes; the autotuner adds the tensors' dtypes to the key by itself.
     return triton.autotune(configs, key=["H", "W", "HEAD_DIM"])(_msw_attention_kernel)
@@ -158,22 +160,29 @@ def _empty_output(q):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def _launch(q, k, v, H, W, sh, sw, scale):
+def _launch(q, k, v, H, W, sh, sw, scale, config=None):
+    """Run the kernel: ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) if given, else the interpreter's
+    config, the class's default under HIDIFF_AUTOTUNE=0, or the autotuner's pick."""
     out = _empty_output(q)
     if any(sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) >= 2**31 for t in (q, k, v, out)):
         raise ValueError(f"{_OP}: one image of q/k/v spans 2**31 elements or more; the kernel indexes it with int32")
     B, _, heads, head_dim = q.shape
     args = [q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, W, sh, sw, scale * _LOG2E]
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), ALIGNED=_aligned(q, k, v, out))
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), ALIGNED=_aligned(q, k, v, out),
+                  UPCAST=interpreter_enabled() and q.dtype == torch.bfloat16)
     window_tokens = math.ceil(H / 2) * math.ceil(W / 2)  # the largest window (top left)
     grid = lambda meta: (triton.cdiv(window_tokens, meta["BLOCK_M"]), 4 * heads, B)
-    if interpreter_enabled():
-        bm, bn, w, s = _INTERPRETER_CONFIG
-        _msw_attention_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn,
-                                    UPCAST=q.dtype == torch.bfloat16, num_warps=w, num_stages=s)
-    else:
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            _tuned_kernel(_config_class(q.dtype, head_dim))[grid](*args, **consts, UPCAST=False)
+    config_class = _config_class(q.dtype, head_dim)
+    if config is None and interpreter_enabled():
+        config = INTERPRETER_CONFIG
+    elif config is None and not autotune_enabled():
+        config = CONFIGS[config_class][0]
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if config is None:
+            _tuned_kernel(config_class)[grid](*args, **consts)
+        else:
+            bm, bn, w, s = config
+            _msw_attention_kernel[grid](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
     return out
 
 
@@ -216,7 +225,7 @@ def build_configs():
     builds = []
     for dtype, ptr in _SIGNATURE_DTYPES.items():
         for head_dim in (40, 64, 128):
-            for bm, bn, w, s in _CUDA_CONFIGS[_config_class(dtype, head_dim)]:
+            for bm, bn, w, s in CONFIGS[_config_class(dtype, head_dim)]:
                 signature = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, **scalars, "qk_scale": "fp32"}
                 constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
                                   ALIGNED=True, UPCAST=False)

@@ -15,11 +15,12 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from .. import reference
-from .._common import check_conv_args, check_no_grad, interpreter_enabled, triton_runs_on
+from .._common import autotune_enabled, check_conv_args, check_no_grad, interpreter_enabled, triton_runs_on
 from ..build_check import KernelBuild
 
 
-@triton.jit
+# Pixel counts and map sizes only enter index arithmetic (no loads are aligned by them): no variant per size.
+@triton.jit(do_not_specialize=["M", "H", "W", "Ho", "Wo"])
 def _conv3x3_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr,
     M, Ci, Co, H, W, Ho, Wo,
@@ -111,7 +112,7 @@ CONFIGS = {
     (4, False): [_config(64, 64, 16, 4), _config(64, 128, 16, 8), _config(128, 64, 16, 8)],
 }
 # The interpreter pays per operation, not per element: one fixed tile, few programs per test shape.
-INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
+INTERPRETER_CONFIG = _config(64, 64, 32, 4)
 
 _conv3x3_autotuned = triton.autotune(
     configs=[c for configs in CONFIGS.values() for c in configs],
@@ -147,7 +148,9 @@ def _nearest_ratio(in_size, out_size, factor, device):
     return float(np.float32(1.0 / factor))
 
 
-def _launch(x, weight, bias, out_size, ratios, upsample):
+def _launch(x, weight, bias, out_size, ratios, upsample, config=None):
+    """Run the kernel: ``config`` (a triton.Config) if given, else the interpreter's config, the class's
+    default under HIDIFF_AUTOTUNE=0, or the autotuner's pick."""
     B, Ci, H, W = x.shape
     Co = weight.shape[0]
     Ho, Wo = out_size
@@ -161,11 +164,15 @@ def _launch(x, weight, bias, out_size, ratios, upsample):
         UPSAMPLE=upsample, X_CHANNELS_LAST=x.stride(1) == 1, Y_CHANNELS_LAST=y.stride(1) == 1,
         HAS_BIAS=bias is not None, UPCAST=interpreter_enabled() and x.dtype == torch.bfloat16,
     )
-    if interpreter_enabled():
-        grid = (triton.cdiv(M, INTERPRETER_CONFIG["BLOCK_M"]) * triton.cdiv(Co, INTERPRETER_CONFIG["BLOCK_N"]),)
-        _conv3x3_kernel[grid](*args, **flags, **INTERPRETER_CONFIG)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Co, meta["BLOCK_N"]),)
+    if config is None and interpreter_enabled():
+        config = INTERPRETER_CONFIG
+    elif config is None and not autotune_enabled():
+        config = CONFIGS[x.element_size(), flags["X_CHANNELS_LAST"]][0]
+    if config is None:
+        _conv3x3_autotuned[grid](*args, **flags)
     else:
-        _conv3x3_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(Co, meta["BLOCK_N"]),)](*args, **flags)
+        _conv3x3_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     return y
 
 

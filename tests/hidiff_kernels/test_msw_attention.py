@@ -87,10 +87,39 @@ def test_head_dim_not_innermost():
     assert relative_error(out, expected(q, k, v, (H, W), (3, 1))) < 1e-5
 
 
+def nan_output(q):
+    return torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+
+
+# Every config the CUDA launcher can pick, each at a padded head dim of its class (fp32 configs on fp32
+# inputs, the others on fp16). The map is 9 x (2c - 1), uneven windows: its largest (5 x c tokens) spans more
+# than one query tile and more than two key tiles of the config, with tails. Under the interpreter this
+# checks each tile shape's logic; on CUDA the compiled code.
+CONFIG_CASES = [
+    (torch.float32 if fp32 else torch.float16, {64: 40, 128: 80, 256: 160}[block] + (8 if fp32 else 0), config)
+    for (fp32, block), configs in msw_module.CONFIGS.items() for config in configs
+]
+
+
+@pytest.mark.all_configs
+@requires_interpreter
+@pytest.mark.parametrize("dtype,head_dim,config", CONFIG_CASES, ids=[f"{c[0]}-d{c[1]}-{c[2]}" for c in CONFIG_CASES])
+def test_every_cuda_config_matches_reference(monkeypatch, dtype, head_dim, config):
+    monkeypatch.setattr(msw_module, "_empty_output", nan_output)
+    block_m, block_n = config[:2]
+    window_cols = (max(block_m, 2 * block_n) + 7) // 5 + 1
+    H, W = 9, 2 * window_cols - 1
+    shift = (3, W - 2)
+    q, k, v = qkv(1, H, W, 1, head_dim, dtype)
+    out = msw_module._launch(q, k, v, H, W, *shift, head_dim**-0.5, config=config)
+    assert not out.isnan().any()
+    assert relative_error(out, expected(q, k, v, (H, W), shift)) < {torch.float32: 1e-5, torch.float16: 3e-3}[dtype]
+
+
 @requires_interpreter
 @pytest.mark.parametrize("B,H,W,heads,head_dim", [(2, 5, 7, 2, 24), (1, 1, 11, 2, 40), (1, 9, 1, 1, 16), (1, 16, 16, 1, 64)])
 def test_every_output_element_is_written(monkeypatch, B, H, W, heads, head_dim):
-    monkeypatch.setattr(msw_module, "_empty_output", lambda q: torch.full_like(q, float("nan"), memory_format=torch.contiguous_format))
+    monkeypatch.setattr(msw_module, "_empty_output", nan_output)
     q, k, v = qkv(B, H, W, heads, head_dim)
     out = hidiff_kernels.msw_attention(q, k, v, (H, W), (H // 2, W // 2))
     assert not out.isnan().any()

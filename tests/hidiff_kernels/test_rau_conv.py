@@ -95,6 +95,32 @@ def test_upsample_matches_reference(B, Ci, Co, H, W, resize, channels_last, bias
     check_parity(out, lambda *t: reference.upsample_conv(*t, **resize), x, w, b)
 
 
+# Every config the CUDA launcher can pick (fp32 configs on fp32 inputs, the others on fp16), for both gathers,
+# on shapes sized to the config: 2 N tiles (Co = BLOCK_N + 8), 2 channel chunks (Ci = BLOCK_K + 6) and 2 M
+# tiles (143 output pixels, more than the largest BLOCK_M of 128), all with tails.
+CONFIG_CASES = [(itemsize, channels_last, config) for (itemsize, channels_last), configs in rau_conv.CONFIGS.items()
+                for config in configs]
+
+
+@pytest.mark.all_configs
+@requires_interpreter
+@pytest.mark.parametrize("op", ["down", "up"])
+@pytest.mark.parametrize("itemsize,channels_last,config", CONFIG_CASES,
+                         ids=[f"{'fp32' if c[0] == 4 else 'fp16'}-{'cl' if c[1] else 'nchw'}-{c[2]}" for c in CONFIG_CASES])
+def test_every_cuda_config_matches_reference(op, itemsize, channels_last, config):
+    dtype = torch.float32 if itemsize == 4 else torch.float16
+    Ci, Co = config.kwargs["BLOCK_K"] + 6, config.kwargs["BLOCK_N"] + 8
+    if op == "down":
+        x, w, b = make_inputs(1, Ci, Co, 43, 51, dtype, channels_last, True)  # -> 11 x 13
+        out = rau_conv._launch(x, w, b, (11, 13), (0.0, 0.0), upsample=False, config=config)
+        check_parity(out, reference.rau_downsample_conv, x, w, b)
+    else:
+        x, w, b = make_inputs(1, Ci, Co, 5, 7, dtype, channels_last, True)  # -> 11 x 13 (non-integer ratios)
+        ratios = [rau_conv._nearest_ratio(n, o, None, x.device) for n, o in zip((5, 7), (11, 13))]
+        out = rau_conv._launch(x, w, b, (11, 13), ratios, upsample=True, config=config)
+        check_parity(out, lambda *t: reference.upsample_conv(*t, size=(11, 13)), x, w, b)
+
+
 @requires_interpreter
 @pytest.mark.parametrize("op", ["down", "up"])
 def test_random_shapes(op):
