@@ -1,12 +1,16 @@
-"""MSW-MSA speed: the fused kernel vs HiDiffusion's original path, the torch backend's gathered path,
-FlexAttention and global SDPA.
+"""MSW-MSA speed and memory: the fused kernel vs HiDiffusion's original path, the torch backend's gathered
+path, FlexAttention and global SDPA.
 
     pytest benchmarks/bench_msw_attention.py      # pytest-benchmark suite, grouped by shape
-    python benchmarks/bench_msw_attention.py      # table: median ms, useful TFLOP/s, speed-up vs original
+    python benchmarks/bench_msw_attention.py      # table: median ms, useful TFLOP/s (and % of the card's dense
+                                                  # bf16 matmul rate), speed-up vs original, peak MiB, rel err
 
 Shapes are the highest-resolution attention blocks of SD1.5 (8 heads x 40) and SDXL (10 heads x 64)
-at 128x128 and 256x256 tokens. Without CUDA one tiny shape runs on CPU: that times the Triton
-interpreter (TRITON_INTERPRET=1) or the reference fallback, not kernel performance.
+at 128x128 and 256x256 tokens, bf16 and fp16, plus SD1.5 at 4096x4096 (512x512 tokens, fp16) for
+memory. Peak memory is what one call allocates above its inputs; rel err is max|out - ref| / max|ref|
+against the fp32 reference (global SDPA computes another function: n/a). Without CUDA one tiny shape
+runs on CPU: that times the Triton interpreter (TRITON_INTERPRET=1) or the reference fallback, not
+kernel performance.
 """
 import math
 
@@ -16,22 +20,25 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import hidiff_kernels
-from hidiff_kernels.benchmarking import median_ms
+from hidiff_kernels import reference
+from hidiff_kernels.benchmarking import dense_matmul_tflops, median_ms, peak_mib, rel_err
 from hidiff_kernels.ops.window_gather import msw_attention_gathered
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 CPU_LABEL = "cpu-interpreter" if hidiff_kernels.interpreter_enabled() else "cpu-reference"
 
-# (label, B, H, W, heads, head_dim)
-SHAPES = [
-    ("sd15-128x128", 2, 128, 128, 8, 40),
-    ("sd15-256x256", 2, 256, 256, 8, 40),
-    ("sdxl-128x128", 2, 128, 128, 10, 64),
-    ("sdxl-256x256", 2, 256, 256, 10, 64),
-] if CUDA else [(f"tiny-{CPU_LABEL}", 1, 8, 8, 2, 16)]
-DTYPES = [torch.float16, torch.bfloat16] if CUDA else [torch.float32]
-IMPLS = ["fused", "original", "gathered"] + (["flex"] if CUDA else []) + ["sdpa_global"]
+# (label, B, H, W, heads, head_dim, dtype); the issue's targets (SDXL, head_dim 64, bf16) come first
+CASES = [
+    (label, 2, n, n, heads, d, dtype)
+    for label, n, heads, d in [("sdxl-256x256", 256, 10, 64), ("sdxl-128x128", 128, 10, 64),
+                               ("sd15-256x256", 256, 8, 40), ("sd15-128x128", 128, 8, 40)]
+    for dtype in (torch.bfloat16, torch.float16)
+] + [("sd15-512x512", 2, 512, 512, 8, 40, torch.float16)] if CUDA else [
+    (f"tiny-{CPU_LABEL}", 1, 8, 8, 2, 16, torch.float32),
+]
+IMPLS = ["fused", "original", "gathered", "flex", "sdpa_global"]
+LARGE_N = 2**17  # above this many tokens a call takes a large fraction of a second: fewer timed calls
 
 
 def original_path_msw_attention(q, k, v, size, shift, scale=None):
@@ -77,8 +84,10 @@ def make_impl(name, q, k, v, size, shift):
 
     ids = window_ids(*size, *shift, q.device)
     N = q.shape[1]
-    block_mask = create_block_mask(lambda b, h, qi, ki: ids[qi] == ids[ki], None, None, N, N, device=q.device)
-    flex = torch.compile(flex_attention)
+    # compiled: the mask is evaluated block by block (an N x N bool mask would not fit at 512x512 tokens)
+    block_mask = torch.compile(create_block_mask)(lambda b, h, qi, ki: ids[qi] == ids[ki], None, None, N, N,
+                                                  device=q.device)
+    flex = torch.compile(flex_attention, dynamic=False)  # one static kernel per shape: flex at its best
     return lambda: flex(qt, kt, vt, block_mask=block_mask)
 
 
@@ -91,8 +100,7 @@ def phase1_shift(H, W):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("label,B,H,W,heads,d", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("label,B,H,W,heads,d,dtype", CASES, ids=[f"{c[0]}-{c[-1]}" for c in CASES])
 def test_msw_attention_speed(benchmark, label, B, H, W, heads, d, dtype, impl):
     q, k, v = inputs(B, H, W, heads, d, dtype)
     fn = make_impl(impl, q, k, v, (H, W), phase1_shift(H, W))
@@ -104,15 +112,28 @@ def test_msw_attention_speed(benchmark, label, B, H, W, heads, d, dtype, impl):
 
 
 def main():
-    print(f"{'shape':22s} {'dtype':15s} {'impl':12s} {'median ms':>10s} {'TFLOP/s':>8s} {'vs original':>11s}")
+    dense = dense_matmul_tflops(DEVICE) if CUDA else None
+    print(f"dense bf16 matmul (8192^3, random data): {dense:.0f} TFLOP/s" if CUDA else
+          f"{CPU_LABEL}: interpreter/reference timings, not kernel performance")
+    print(f"{'shape':14s} {'dtype':15s} {'impl':12s} {'median ms':>10s} {'TFLOP/s':>8s} {'% dense':>7s} "
+          f"{'vs original':>11s} {'peak MiB':>9s} {'rel err':>8s}")
     with torch.inference_mode():
-        for label, B, H, W, heads, d in SHAPES:
-            for dtype in DTYPES:
-                q, k, v = inputs(B, H, W, heads, d, dtype)
-                times = {name: median_ms(make_impl(name, q, k, v, (H, W), phase1_shift(H, W)), DEVICE) for name in IMPLS}
-                for name, ms in times.items():
-                    tflops = useful_flops(B, H, W, heads, d) / (ms * 1e-3) / 1e12
-                    print(f"{label:22s} {str(dtype):15s} {name:12s} {ms:10.3f} {tflops:8.1f} {times['original'] / ms:10.2f}x")
+        for label, B, H, W, heads, d, dtype in CASES:
+            q, k, v = inputs(B, H, W, heads, d, dtype)
+            size, shift = (H, W), phase1_shift(H, W)
+            ref = reference.msw_attention(q.float(), k.float(), v.float(), size, shift)
+            reps = dict(warmup=1, rep=5) if H * W > LARGE_N else {}
+            times = {}
+            for name in sorted(IMPLS, key=lambda name: name != "original"):  # the speed-up's baseline first
+                fn = make_impl(name, q, k, v, size, shift)
+                out = fn()  # compiles / autotunes outside the timed calls
+                err = "n/a" if name == "sdpa_global" else f"{rel_err(out.transpose(1, 2) if name == 'flex' else out, ref):.1e}"
+                del out
+                times[name] = ms = median_ms(fn, DEVICE, **reps)
+                tflops = useful_flops(B, H, W, heads, d) / (ms * 1e-3) / 1e12
+                share = f"{100 * tflops / dense:.0f}%" if CUDA else "n/a"
+                print(f"{label:14s} {str(dtype):15s} {name:12s} {ms:10.3f} {tflops:8.1f} {share:>7s} "
+                      f"{times['original'] / ms:10.2f}x {peak_mib(fn, DEVICE):9.1f} {err:>8s}", flush=True)
 
 
 if __name__ == "__main__":

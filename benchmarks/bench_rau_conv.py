@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import hidiff_kernels
-from hidiff_kernels.benchmarking import median_ms
+from hidiff_kernels import reference
+from hidiff_kernels.benchmarking import median_ms, peak_mib, rel_err
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -63,18 +64,6 @@ def flops(op, B, C, H, W, size):
     return 2 * B * Ho * Wo * C * C * 9
 
 
-def peak_mib(fn):
-    """Memory one call allocates above what was allocated before it (NaN off CUDA)."""
-    if not CUDA:
-        return float("nan")
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 @pytest.fixture(autouse=True, scope="module")
 def cudnn_autotuned():
     """cuDNN picks its fastest algorithm per shape, as our kernel autotunes."""
@@ -95,7 +84,7 @@ def test_rau_conv_speed(benchmark, label, op, B, C, H, W, size, dtype, layout, i
     benchmark.group = f"{label} {dtype} {layout}"
     with torch.inference_mode():
         fn()  # autotunes (ours) / picks the algorithm (cuDNN) outside the timed rounds
-        benchmark.extra_info["peak_MiB"] = peak_mib(fn)
+        benchmark.extra_info["peak_MiB"] = peak_mib(fn, DEVICE)
         benchmark.pedantic(lambda: (fn(), sync()), warmup_rounds=3, rounds=20 if CUDA else 3)
         benchmark.extra_info["TFLOP/s"] = flops(op, B, C, H, W, size) / benchmark.stats.stats.median / 1e12
         if impl == "hidiff":
@@ -103,21 +92,33 @@ def test_rau_conv_speed(benchmark, label, op, B, C, H, W, size, dtype, layout, i
             benchmark.extra_info[f"speedup_vs_{BASELINE}"] = baseline_ms / (benchmark.stats.stats.median * 1e3)
 
 
+def reference_output(op, x, w, b, size):
+    """The op in fp32 through hidiff_kernels.reference (cuDNN without TF32)."""
+    x, w, b = x.float(), w.float(), b.float()
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        if op == "down":
+            return reference.rau_downsample_conv(x, w, b)
+        return reference.upsample_conv(x, w, b, size=size)
+
+
 def main():
     torch.backends.cudnn.benchmark = True
     print(f"{'shape':52s} {'dtype':15s} {'layout':14s} {'impl':7s} {'median ms':>10s} {'TFLOP/s':>8s} "
-          f"{'vs ' + BASELINE:>13s} {'peak MiB':>9s}")
+          f"{'vs ' + BASELINE:>13s} {'peak MiB':>9s} {'rel err':>8s}")
     with torch.inference_mode():
         for label, op, B, C, H, W, size in CASES:
             for dtype in DTYPES:
                 for layout in LAYOUTS:
                     x, w, b = inputs(B, C, H, W, dtype, layout)
+                    ref = reference_output(op, x, w, b, size)
                     impls = {name: make_impl(name, op, x, w, b, size) for name in IMPLS}
+                    errs = {name: rel_err(fn(), ref) for name, fn in impls.items()}  # also autotunes / picks algorithms
                     times = {name: median_ms(fn, DEVICE) for name, fn in impls.items()}
                     for name, ms in times.items():
                         tflops = flops(op, B, C, H, W, size) / (ms * 1e-3) / 1e12
                         print(f"{label:52s} {str(dtype):15s} {layout:14s} {name:7s} {ms:10.3f} {tflops:8.1f} "
-                              f"{times[BASELINE] / ms:12.2f}x {peak_mib(impls[name]):9.1f}")
+                              f"{times[BASELINE] / ms:12.2f}x {peak_mib(impls[name], DEVICE):9.1f} {errs[name]:8.1e}",
+                              flush=True)
 
 
 if __name__ == "__main__":

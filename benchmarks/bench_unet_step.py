@@ -13,6 +13,7 @@ import torch
 
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 from hidiff_models import bench
+from hidiff_models.configs import build_unet
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -33,7 +34,7 @@ def unets():
     def get(model):
         if model not in cache:
             cache.clear()
-            cache[model] = bench._build_builtin(model, UNET_SIZE, seed=0, dtype=DTYPE, device=DEVICE)
+            cache[model] = build_unet(model, UNET_SIZE, seed=0, dtype=DTYPE, device=DEVICE)
         return cache[model]
 
     threads = torch.get_num_threads()

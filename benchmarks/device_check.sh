@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# hidiff GPU device check: the one prepared script for a lent GPU machine (about 6-7 minutes; the stages are
-# capped at 530 s in all). It needs no network.
+# hidiff GPU device check: the one prepared script for a lent GPU machine (under 7 minutes: the default stages
+# are capped at 425 s in all). It needs no network.
 #
 # Before the call, here in the repository root, fetch the one package the GPU image lacks (it has torch,
 # triton, einops, numpy, tqdm, huggingface-hub, safetensors, pillow, regex, requests, filelock, pytest,
@@ -16,25 +16,27 @@
 #
 # Stages, each under its own `timeout` so one hang cannot eat the lease; a failed stage is reported and the
 # next one runs:
-#   build    python -m hidiff_kernels.build_check: every Triton kernel config compiled for sm_90a and sm_80
-#            (registers, spills, shared memory, tensor-core instructions)
-#   parity   pytest tests/hidiff_kernels: the kernels against the reference on CUDA in fp32/fp16/bf16
-#            (test_build.py is left out: it reruns the build stage)
+#   parity   pytest tests/hidiff_kernels: the kernels against the reference on CUDA in fp32/fp16/bf16, each
+#            launch on its class's default config (HIDIFF_AUTOTUNE=0: no autotuning of every test shape)
 #   unet     hidiff bench --device cuda: full-size SD1.5 (1024², 2048²) and SDXL (2048², 4096²) UNet step, fp16,
 #            CFG batch 2: vanilla / backend torch / backend triton at step 0 (RAU-Net + MSW-MSA) and step 49
 #            (MSW-MSA only), with the triton-vs-torch relative error, and the op rows
 #   msw, rau the tables of benchmarks/bench_msw_attention.py and benchmarks/bench_rau_conv.py
+#   configs  pytest -m all_configs: every autotune config of every kernel against the reference on CUDA, at
+#            odd sizes (the timed stages check only the configs the autotuner picked, at their shapes)
 #   compile  benchmarks/compile_check.py: torch.compile(fullgraph=True) of a patched tiny UNet with the Triton
 #            backend (inductor; default mode and reduce-overhead = CUDA graphs) against eager
-# Everything goes to $OUT/log (and bench.json, build.json, parity.txt, msw.txt, rau.txt, compile.txt); a compact summary is
-# printed last.
+#   build    (not by default: the CPU test suite compiles every config for sm_90a and sm_80) python -m
+#            hidiff_kernels.build_check with the GPU machine's triton: registers, spills, shared memory
+# Everything goes to $OUT/log (and bench.json, build.json, parity.txt, configs.txt, msw.txt, rau.txt, compile.txt); a
+# compact summary is printed last.
 #
 # STAGES="unet msw" runs a subset; a dry run of the script on a CPU machine:
 #   OUT=/tmp/dc STAGES="unet msw rau" DEVICE=cpu PYTHON=.venv/bin/python BENCH_ARGS="--sizes 64 --repeats 1" bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-${TMPDIR:-/tmp}/hidiff-device-check}
-STAGES=${STAGES:-"build parity unet msw rau compile"}
+STAGES=${STAGES:-"parity unet msw rau configs compile"}
 DEVICE=${DEVICE:-cuda}
 BENCH_ARGS=${BENCH_ARGS:-"--repeats 3"}
 PY=${PYTHON:-python3}
@@ -78,8 +80,15 @@ summary() {
         "$PY" -c "import json, sys; d = json.load(open(sys.argv[1])); bad = [r for r in d['results'] if r['error'] or r['spill_stores'] or r['spill_loads']]; print(f\"build: {len(d['results'])} builds in {d['total_s']} s, {len(bad)} with errors or spills\")" "$OUT/build.json"
     fi
     if [ -f "$OUT/parity.txt" ]; then echo "parity: $(tail -n 1 "$OUT/parity.txt")"; fi
-    if [ -f "$OUT/msw.txt" ]; then echo "msw_attention (fused rows; last column: speed-up vs the original path):"; grep " fused " "$OUT/msw.txt"; fi
-    if [ -f "$OUT/rau.txt" ]; then echo "rau convs (hidiff rows; speed-up vs cuDNN, peak MiB):"; grep " hidiff " "$OUT/rau.txt"; fi
+    if [ -f "$OUT/configs.txt" ]; then echo "every config: $(tail -n 1 "$OUT/configs.txt")"; fi
+    if [ -f "$OUT/msw.txt" ]; then
+        echo "msw_attention, fused rows (median ms, TFLOP/s, % of dense bf16, vs original path, peak MiB, rel err):"
+        grep -E "^dense| fused " "$OUT/msw.txt"
+    fi
+    if [ -f "$OUT/rau.txt" ]; then
+        echo "rau convs, hidiff rows (median ms, TFLOP/s, vs cuDNN, peak MiB, rel err):"
+        grep " hidiff " "$OUT/rau.txt"
+    fi
     if [ -f "$OUT/compile.txt" ]; then echo "torch.compile:"; grep -E "^(default|reduce-overhead) " "$OUT/compile.txt"; fi
     if [ -f "$OUT/bench.json" ]; then
         "$PY" -c "import json, sys; from hidiff_models import bench; r = json.load(open(sys.argv[1])); print(('PARTIAL (stage cut short) ' if r['meta'].get('partial') else '') + bench.compact_table(r))" "$OUT/bench.json"
@@ -99,19 +108,21 @@ main() {
     export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     unset TRITON_INTERPRET
 
-    # The limits add up to 530 s: with the install, env report and summary, inside a 600 s call; compile is
-    # last, so a slow inductor cannot starve the measurements.
+    # The default stages' limits add up to 425 s (about 7 minutes with the install, env report and summary,
+    # well inside a 600 s call); the measurements come before the checks that compile many kernels.
     echo
     echo "=== env"
     env_report
     stage build 60 "$PY" -m hidiff_kernels.build_check --json "$OUT/build.json"
-    stage parity 90 bash -c "set -o pipefail; '$PY' -m pytest tests/hidiff_kernels -q -x -p no:cacheprovider \
-        --ignore=tests/hidiff_kernels/test_build.py 2>&1 | tee '$OUT/parity.txt'"
+    stage parity 70 bash -c "set -o pipefail; HIDIFF_AUTOTUNE=0 '$PY' -m pytest tests/hidiff_kernels -q -x \
+        -p no:cacheprovider -m 'not all_configs' --ignore=tests/hidiff_kernels/test_build.py 2>&1 | tee '$OUT/parity.txt'"
     # shellcheck disable=SC2086
-    stage unet 180 "$PY" -m hidiff_models bench --device "$DEVICE" $BENCH_ARGS --json "$OUT/bench.json"
-    stage msw 75 bash -c "set -o pipefail; '$PY' benchmarks/bench_msw_attention.py 2>&1 | tee '$OUT/msw.txt'"
-    stage rau 45 bash -c "set -o pipefail; '$PY' benchmarks/bench_rau_conv.py 2>&1 | tee '$OUT/rau.txt'"
-    stage compile 80 bash -c "set -o pipefail; '$PY' benchmarks/compile_check.py 2>&1 | tee '$OUT/compile.txt'"
+    stage unet 145 "$PY" -m hidiff_models bench --device "$DEVICE" $BENCH_ARGS --json "$OUT/bench.json"
+    stage msw 80 bash -c "set -o pipefail; '$PY' benchmarks/bench_msw_attention.py 2>&1 | tee '$OUT/msw.txt'"
+    stage rau 35 bash -c "set -o pipefail; '$PY' benchmarks/bench_rau_conv.py 2>&1 | tee '$OUT/rau.txt'"
+    stage configs 40 bash -c "set -o pipefail; '$PY' -m pytest tests/hidiff_kernels -q -p no:cacheprovider \
+        -m all_configs 2>&1 | tee '$OUT/configs.txt'"
+    stage compile 55 bash -c "set -o pipefail; '$PY' benchmarks/compile_check.py 2>&1 | tee '$OUT/compile.txt'"
     summary
 }
 

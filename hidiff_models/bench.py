@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hidiff_kernels.benchmarking import timed_call_ms
+from hidiff_kernels.benchmarking import rel_err, timed_call_ms
 
 from .cli import UserError
 from .configs import build_unet
@@ -309,14 +308,6 @@ def time_call(fn, repeats, device):
     times = [timed_call_ms(fn, device) for _ in range(repeats)]
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
     return statistics.median(times), times, peak, first
-
-
-def rel_err(out, ref) -> float:
-    """max|out - ref| / max|ref|, in float64 (inf if out has NaN/inf)."""
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return math.inf
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def _timed_row(where, group, case, fn, repeats, device, ref=None, note=""):
