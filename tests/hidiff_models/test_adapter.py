@@ -1,7 +1,6 @@
 """apply_hidiffusion on bare tiny UNets: MSW-MSA and RAU-Net values, sizes, restoration, refusals."""
 import copy
 import math
-import os
 
 import pytest
 import torch

@@ -7,9 +7,7 @@ RAU-Net phase switch recompiles once, the steps in between reuse the graph, and 
 symbolic ints rather than one graph per draw.
 """
 import contextlib
-import linecache
 import logging
-import os
 import re
 
 import pytest
@@ -17,9 +15,8 @@ import torch
 from torch._dynamo.symbolic_convert import graph_break_log
 from torch._dynamo.utils import counters
 
-import hidiff_kernels
 import hidiff_models
-from hidiff_models import apply_hidiffusion, denoising_step, steps
+from hidiff_models import apply_hidiffusion, denoising_step
 from hidiff_models.configs import build_unet
 from hidiff_models.schedule import active_ops
 
