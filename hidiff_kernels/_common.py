@@ -1,8 +1,12 @@
 """Shared input checks, and the rule that picks the Triton kernel or the reference implementation."""
+import functools
 import math
 import os
+import re
 
+import numpy as np
 import torch
+import triton
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # the attention kernel keeps a whole head vector per token in one tile
@@ -19,9 +23,29 @@ def autotune_enabled() -> bool:
     return os.environ.get("HIDIFF_AUTOTUNE", "1") != "0"
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", version).groups())
+
+
+@functools.cache
+def _interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    # triton < 3.7's interpreter turns one-element arrays into Python ints with int(), which numpy >= 2.4
+    # refuses (triton-lang/triton#9171): every kernel launch would fail with an opaque InterpreterError.
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"the Triton interpreter of triton {triton_version} cannot run with numpy {numpy_version} "
+                "(triton-lang/triton#9171): install numpy<2.4 or triton>=3.7, or unset TRITON_INTERPRET")
+    return None
+
+
 def triton_runs_on(device: torch.device) -> bool:
-    """CUDA tensors run the compiled kernel; CPU tensors run it only under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
+    """CUDA tensors run the compiled kernel; CPU tensors run it only under TRITON_INTERPRET=1 (a RuntimeError
+    if the installed triton and numpy cannot run the interpreter)."""
+    if device.type == "cpu" and interpreter_enabled():
+        problem = _interpreter_problem(triton.__version__, np.__version__)
+        if problem:
+            raise RuntimeError(problem)
+        return True
+    return device.type == "cuda"
 
 
 def check_tensors(op: str, **tensors: torch.Tensor) -> None:

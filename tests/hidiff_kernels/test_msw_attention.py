@@ -6,7 +6,7 @@ import torch
 from conftest import relative_error, requires_interpreter
 
 import hidiff_kernels
-from hidiff_kernels import reference
+from hidiff_kernels import _common, reference
 from hidiff_kernels.ops import msw_attention as msw_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -198,6 +198,21 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
     q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
     assert torch.equal(hidiff_kernels.msw_attention(q, k, v, (4, 5), (1, 2)),
                        reference.msw_attention(q, k, v, (4, 5), (1, 2)))
+
+
+@pytest.mark.parametrize("triton_version,numpy_version,refused",
+                         [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.1", False)])
+def test_interpreter_with_incompatible_numpy_is_refused(monkeypatch, triton_version, numpy_version, refused):
+    """triton < 3.7's interpreter cannot run on numpy >= 2.4: a clear error instead of an InterpreterError."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_common.triton, "__version__", triton_version)
+    monkeypatch.setattr(_common.np, "__version__", numpy_version)
+    q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
+    if refused:
+        with pytest.raises(RuntimeError, match=r"numpy<2\.4 or triton>=3\.7"):
+            hidiff_kernels.msw_attention(q, k, v, (4, 5), (1, 2))
+    else:
+        assert hidiff_kernels.triton_runs_on(q.device)
 
 
 def test_inputs_requiring_grad_raise():
