@@ -5,11 +5,12 @@
 
 The tiny built-in SD1.5 UNet (real block layout) at 64x64 latents, CFG batch 2, backend "triton" on CUDA
 (fp16) or "torch" on CPU (fp32), random window phases: steps across a RAU-Net phase switch, each compared
-with an eager copy drawing the same phases. Prints the relative error, the graphs dynamo captured and the
-median call time after the first call of each phase (a growing time under reduce-overhead would mean CUDA
-graphs re-recorded for new window shifts). Exits 1 if compiling fails or an output differs.
+with an eager copy drawing the same phases. Prints the relative error, the graphs dynamo captured, under
+reduce-overhead the CUDA graphs recorded (one per RAU-Net phase when new window shifts replay the same graph)
+and the median call time after the first call of each phase. Exits 1 if compiling fails or an output differs.
 """
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -24,6 +25,30 @@ from hidiff_models.schedule import active_ops
 NUM_STEPS = 10
 STEPS = [2, 3, 4, 5, 6]  # sd15_1024 at 64x64 latents: RAD-conv for steps 0-3, then MSW-MSA only
 TOLERANCE = {torch.float16: 1e-2, torch.float32: 1e-4}
+
+
+@contextlib.contextmanager
+def counted_cuda_graph_recordings():
+    """A list that grows by one per CUDA graph inductor's graph trees record (None where torch lacks the private
+    CUDAGraphTreeManager.record_function this wraps)."""
+    import torch._inductor.cudagraph_trees as trees
+
+    manager = getattr(trees, "CUDAGraphTreeManager", None)
+    record_function = getattr(manager, "record_function", None)
+    if record_function is None:
+        yield None
+        return
+    recorded = []
+
+    def counting(self, *args, **kwargs):
+        recorded.append(1)
+        return record_function(self, *args, **kwargs)
+
+    manager.record_function = counting
+    try:
+        yield recorded
+    finally:
+        manager.record_function = record_function
 
 
 def check(mode, compiler_backend, device, dtype):
@@ -42,7 +67,7 @@ def check(mode, compiler_backend, device, dtype):
     sample = torch.randn(2, 4, 64, 64, generator=gen).to(device, dtype)
     context = torch.randn(2, 77, 32, generator=gen).to(device, dtype)
     worst, later_calls, phases = 0.0, [], set()
-    with torch.no_grad():
+    with torch.no_grad(), counted_cuda_graph_recordings() as recorded:
         for step in STEPS:
             with denoising_step(eager, step, NUM_STEPS):
                 expected = eager(sample, 500, encoder_hidden_states=context).sample
@@ -59,7 +84,9 @@ def check(mode, compiler_backend, device, dtype):
             phases.add(phase)
     graphs = counters["stats"]["unique_graphs"]
     ok = worst < TOLERANCE[dtype]
-    print(f"{mode:16s} {'ok' if ok else 'MISMATCH':8s} max rel err {worst:.1e}  graphs {graphs}  "
+    cuda_graphs = "" if mode != "reduce-overhead" else (
+        f"cuda graphs recorded {'n/a' if recorded is None else len(recorded)} ({len(phases)} RAU-Net phases)  ")
+    print(f"{mode:16s} {'ok' if ok else 'MISMATCH':8s} max rel err {worst:.1e}  graphs {graphs}  {cuda_graphs}"
           f"median later call {statistics.median(later_calls):.1f} ms  (calls {', '.join(f'{t:.1f}' for t in later_calls)})")
     return ok
 

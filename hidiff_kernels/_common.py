@@ -72,7 +72,8 @@ def check_no_grad(op: str, *tensors: torch.Tensor) -> None:
 
 
 def check_msw_args(op, q, k, v, size, shift, scale):
-    """Validate msw_attention's arguments; returns ((H, W), (sh, sw), scale) as plain Python numbers."""
+    """Validate msw_attention's arguments; returns ((H, W), shift, scale): shift as (sh, sw) ints, or the
+    integer tensor of shape [2] it was given (its values are read on the device, modulo (H, W))."""
     check_tensors(op, q=q, k=k, v=v)
     if q.dim() != 4:
         raise ValueError(f"{op}: q must be [B, N, heads, head_dim], got shape {tuple(q.shape)}")
@@ -86,16 +87,30 @@ def check_msw_args(op, q, k, v, size, shift, scale):
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"{op}: head_dim {head_dim} is larger than the supported {MAX_HEAD_DIM}")
     H, W = _pair(op, "size", size)
-    sh, sw = _pair(op, "shift", shift)
     if H < 1 or W < 1 or H * W != N:
         raise ValueError(f"{op}: size {(H, W)} does not match N={N} tokens (need H * W == N, H, W >= 1)")
-    if not (0 <= sh < H and 0 <= sw < W):
-        raise ValueError(f"{op}: shift {(sh, sw)} out of range for size {(H, W)} (need 0 <= sh < H, 0 <= sw < W)")
+    if isinstance(shift, torch.Tensor):
+        if shift.dtype not in (torch.int32, torch.int64) or shift.shape != (2,):
+            raise TypeError(f"{op}: a shift tensor must be int32/int64 of shape [2], got {shift.dtype} "
+                            f"of shape {tuple(shift.shape)}")
+        if shift.device != q.device:
+            raise ValueError(f"{op}: shift is on {shift.device} but q is on {q.device}")
+    else:
+        shift = sh, sw = _pair(op, "shift", shift)
+        if not (0 <= sh < H and 0 <= sw < W):
+            raise ValueError(f"{op}: shift {(sh, sw)} out of range for size {(H, W)} (need 0 <= sh < H, 0 <= sw < W)")
     if scale is None:
         scale = head_dim**-0.5
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
-    return (H, W), (sh, sw), float(scale)
+    return (H, W), shift, float(scale)
+
+
+def shift_ints(shift, size):
+    """(sh, sw) as Python ints in range: a shift tensor is read back to the host (a sync) modulo the size."""
+    if isinstance(shift, torch.Tensor):
+        return tuple(s % n for s, n in zip(shift.tolist(), size))
+    return shift
 
 
 def _pair(op, name, value):

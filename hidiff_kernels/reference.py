@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._common import check_conv_args, check_msw_args
+from ._common import check_conv_args, check_msw_args, shift_ints
 
 
 def msw_attention(q, k, v, size, shift, scale=None):
@@ -19,9 +19,10 @@ def msw_attention(q, k, v, size, shift, scale=None):
 
     q, k, v: [B, N, heads, head_dim] with N == H * W tokens in row-major order. The map is rolled by
     (-sh, -sw), split at ceil(H/2) and ceil(W/2) into 4 windows, each attends within itself, and the
-    result is rolled back. Returns [B, N, heads, head_dim] in q's dtype.
+    result is rolled back. Returns [B, N, heads, head_dim] in q's dtype. A shift tensor is read to the host.
     """
-    (H, W), (sh, sw), scale = check_msw_args("reference.msw_attention", q, k, v, size, shift, scale)
+    (H, W), shift, scale = check_msw_args("reference.msw_attention", q, k, v, size, shift, scale)
+    sh, sw = shift_ints(shift, (H, W))
     rolled = [torch.roll(rearrange(t, "b (y x) h d -> b y x h d", y=H), (-sh, -sw), dims=(1, 2)) for t in (q, k, v)]
     out = torch.empty_like(rolled[0])
     wh, ww = math.ceil(H / 2), math.ceil(W / 2)

@@ -69,20 +69,22 @@ class HiDiffusionState:
         self.window_processors = 0  # WindowAttnProcessors installed; each reads its phase by index
         self.in_call = False
         self.ops = INACTIVE  # ActiveOps of the UNet call in progress
-        self.phase_sizes = ()  # window phase k of each processor for the UNet call in progress, as a size
+        self.phases = None  # window phase k of each processor for the UNet call in progress, on its device
         self.pre_pool_size = None
         self.rad_conv_site = None  # (downsampler, its conv) of RAD-conv, for LoRA convs beside the conv
         self.widened_lora_convs = []
         self.undo = []
 
     def phase(self, index):
-        """Window phase k in {0..3} of processor ``index`` for the UNet call in progress."""
+        """Window phase k in {0..3} of processor ``index`` for the UNet call in progress: the pinned int, or a
+        0-d tensor on the UNet's device (drawn values reach the kernels without a recompile or CUDA graph
+        re-recording per draw)."""
         if self.pinned_phase is not None:
             return self.pinned_phase
         if not self.in_call:
             raise RuntimeError("HiDiffusion window attention ran outside a call of its patched UNet; if the UNet "
                                "is compiled, apply HiDiffusion before torch.compile")
-        return self.phase_sizes[index].shape[0] - _PHASE_SIZE_OFFSET
+        return self.phases[index]
 
     @torch.compiler.disable
     def before_unet(self, unet, args, kwargs):
@@ -98,18 +100,16 @@ class HiDiffusionState:
             if call not in self.call_generators:
                 self.call_generators[call] = torch.Generator().manual_seed(self.seed)
             generator = self.call_generators[call]
+        sample = args[0] if args else kwargs["sample"]
         if self.pinned_phase is None:
-            # Under torch.compile a tensor size marked dynamic is a symbolic int (sizes 0 and 1 are always
-            # specialized: hence the offset), so one compiled graph serves every draw instead of one per phase.
-            phases = torch.randint(4, (self.window_processors,), generator=generator).tolist()
-            self.phase_sizes = tuple(torch.empty(k + _PHASE_SIZE_OFFSET, 0) for k in phases)
-            for size in self.phase_sizes:
-                torch._dynamo.maybe_mark_dynamic(size, 0)
-        self.in_call = True  # ops and pre_pool_size are reset by after_unet, which ends every call
+            phases = torch.randint(4, (self.window_processors,), generator=generator)
+            # Pinned memory: the copy does not make the host wait for the work queued on the GPU.
+            self.phases = (phases.pin_memory().to(sample.device, non_blocking=True) if sample.is_cuda
+                           else phases.to(sample.device))
+        self.in_call = True  # ops, phases and pre_pool_size are reset by after_unet, which ends every call
         kwargs = controlnet.unet_controlnet_kwargs(kwargs)
         if not self.apply_raunet:
             return args, kwargs
-        sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         step, n, step_call = steps.current_step(unet, timestep)  # step_call is None under denoising_step
         flags = dict(step_call.flags) if step_call else dict(controlnet=False, inpainting=False, playground=False)
@@ -126,10 +126,10 @@ class HiDiffusionState:
         self.widened_lora_convs = []
         self.in_call = False
         self.ops = INACTIVE
+        self.phases = None
         self.pre_pool_size = None
 
 
-_PHASE_SIZE_OFFSET = 2
 _TRACKING_UNET_CLASSES = {}
 
 

@@ -69,11 +69,16 @@ def window_attention(attn, hidden_states, size, shift, fused):
 
 
 def shift_for_phase(h, w, phase):
-    """The roll of the 2x2 window grid of an h x w map for phase k in {0, 1, 2, 3}.
+    """The roll of the 2x2 window grid of an h x w map for phase k in {0, 1, 2, 3}: (sh, sw), or a tensor [2]
+    on phase's device when phase is a 0-d tensor.
 
     As in the original implementation, a zero height shift (windows under 4 rows) skips the roll
     altogether, dropping the width shift too: it only happens on tiny maps, and keeps images identical.
-    Branches only on the map size, never on ``phase`` (a symbolic int under torch.compile).
+    Branches only on the map size, never on ``phase``'s value.
     """
     unit_h, unit_w = math.ceil(h / 2) // 4, math.ceil(w / 2) // 4
-    return (unit_h * phase, unit_w * phase) if unit_h > 0 else (0, 0)
+    if unit_h == 0:
+        return 0, 0
+    if isinstance(phase, torch.Tensor):
+        return torch.stack((phase * unit_h, phase * unit_w))
+    return unit_h * phase, unit_w * phase

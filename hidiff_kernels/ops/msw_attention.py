@@ -8,6 +8,7 @@ accumulation) over them. Nothing is rolled, partitioned, padded or masked in mem
 import contextlib
 import functools
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -66,15 +67,19 @@ def _msw_attention_kernel(
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_on, stride_oh, stride_od,
-    H, W, sh, sw, qk_scale,
+    H, W, sh, sw, SHIFT, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ALIGNED: tl.constexpr,  # head vectors are contiguous and 16-byte aligned
+    SHIFT_IN_MEMORY: tl.constexpr,  # read (sh, sw) from the int64 tensor SHIFT instead of the sh, sw arguments
     UPCAST: tl.constexpr,  # interpreter only: its bf16 arithmetic is wrong, so compute on fp32 tiles
 ):
     pid_m = tl.program_id(0)
     window = tl.program_id(1) % 4
     head = tl.program_id(1) // 4
     batch = tl.program_id(2).to(tl.int64)
+    if SHIFT_IN_MEMORY:  # a device tensor: a captured CUDA graph replays with new values; any int, taken mod size
+        sh = ((tl.load(SHIFT) % H + H) % H).to(tl.int32)
+        sw = ((tl.load(SHIFT + 1) % W + W) % W).to(tl.int32)
 
     # Window (wr, wc) of the rolled map: rows [r0, r0 + nr), columns [c0, c0 + nc); the
     # second row/column range is shorter for odd sizes and empty for H or W == 1.
@@ -160,16 +165,21 @@ def _empty_output(q):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
-def _launch(q, k, v, H, W, sh, sw, scale, config=None):
-    """Run the kernel: ``config`` (BLOCK_M, BLOCK_N, num_warps, num_stages) if given, else the interpreter's
-    config, the class's default under HIDIFF_AUTOTUNE=0, or the autotuner's pick."""
+def _launch(q, k, v, H, W, shift, scale, config=None):
+    """Run the kernel with ``shift`` (sh, sw) ints or an integer tensor [2] on q's device: ``config``
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) if given, else the interpreter's config, the class's default
+    under HIDIFF_AUTOTUNE=0, or the autotuner's pick."""
     out = _empty_output(q)
     if any(sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) >= 2**31 for t in (q, k, v, out)):
         raise ValueError(f"{_OP}: one image of q/k/v spans 2**31 elements or more; the kernel indexes it with int32")
     B, _, heads, head_dim = q.shape
-    args = [q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, W, sh, sw, scale * _LOG2E]
+    in_memory = isinstance(shift, torch.Tensor)
+    # Without a shift tensor, SHIFT is never read: any pointer fills the slot.
+    sh, sw, shift_ptr = (0, 0, shift.to(torch.int64).contiguous()) if in_memory else (*shift, out)
+    args = [q, k, v, out, *q.stride(), *k.stride(), *v.stride(), *out.stride(), H, W, sh, sw, shift_ptr,
+            scale * _LOG2E]
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), ALIGNED=_aligned(q, k, v, out),
-                  UPCAST=interpreter_enabled() and q.dtype == torch.bfloat16)
+                  SHIFT_IN_MEMORY=in_memory, UPCAST=interpreter_enabled() and q.dtype == torch.bfloat16)
     window_tokens = math.ceil(H / 2) * math.ceil(W / 2)  # the largest window (top left)
     grid = lambda meta: (triton.cdiv(window_tokens, meta["BLOCK_M"]), 4 * heads, B)
     config_class = _config_class(q.dtype, head_dim)
@@ -187,15 +197,17 @@ def _launch(q, k, v, H, W, sh, sw, scale, config=None):
 
 
 @torch.library.custom_op("hidiff::msw_attention", mutates_args=())
-def _msw_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      H: int, W: int, sh: int, sw: int, scale: float) -> torch.Tensor:
+def _msw_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int, W: int,
+                      sh: int, sw: int, shift: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """``shift``, when given, replaces (sh, sw)."""
+    shift = (sh, sw) if shift is None else shift
     if triton_runs_on(q.device):
-        return _launch(q, k, v, H, W, sh, sw, scale)
-    return reference.msw_attention(q, k, v, (H, W), (sh, sw), scale)
+        return _launch(q, k, v, H, W, shift, scale)
+    return reference.msw_attention(q, k, v, (H, W), shift, scale)
 
 
 @_msw_attention_op.register_fake
-def _(q, k, v, H, W, sh, sw, scale):
+def _(q, k, v, H, W, sh, sw, shift, scale):
     return q.new_empty(q.shape)
 
 
@@ -205,18 +217,24 @@ def msw_attention(q, k, v, size, shift, scale=None):
     q, k, v: [B, N, heads, head_dim] (any strides) with N == H * W tokens in row-major order for
     size=(H, W). The map rolled by (-sh, -sw) is split at ceil(H/2), ceil(W/2) into 4 windows and
     each token attends within its window; the result is in the original token order, q's dtype.
+    shift: (sh, sw) ints with 0 <= sh < H, 0 <= sw < W, or an int32/int64 tensor [2] on q's device,
+    taken modulo (H, W) on the device: never read to the host, so a CUDA graph captured once replays
+    with every shift written into that tensor.
     Same function as ``hidiff_kernels.reference.msw_attention``; inference only.
     """
-    (H, W), (sh, sw), scale = check_msw_args(_OP, q, k, v, size, shift, scale)
+    (H, W), shift, scale = check_msw_args(_OP, q, k, v, size, shift, scale)
     check_no_grad(_OP, q, k, v)
-    return _msw_attention_op(q, k, v, H, W, sh, sw, scale)
+    if isinstance(shift, torch.Tensor):
+        return _msw_attention_op(q, k, v, H, W, 0, 0, shift, scale)
+    return _msw_attention_op(q, k, v, H, W, *shift, None, scale)
 
 
 _SIGNATURE_DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 
 
 def build_configs():
-    """Every kernel variant the CUDA launcher can pick: autotune config x dtype x head dim 40/64/128.
+    """Every kernel variant the CUDA launcher can pick: autotune config x dtype x head dim 40/64/128 x shift
+    given as ints or as a tensor (the adapter's random window phases).
 
     ALIGNED=True: head vectors contiguous and 16-byte aligned, as diffusers' q/k/v are.
     """
@@ -226,12 +244,15 @@ def build_configs():
     for dtype, ptr in _SIGNATURE_DTYPES.items():
         for head_dim in (40, 64, 128):
             for bm, bn, w, s in CONFIGS[_config_class(dtype, head_dim)]:
-                signature = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, **scalars, "qk_scale": "fp32"}
-                constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
-                                  ALIGNED=True, UPCAST=False)
-                builds.append(KernelBuild(
-                    name=f"{_OP} {ptr[1:]} d={head_dim} BLOCK_M={bm} BLOCK_N={bn} w{w} s{s}",
-                    fn=_msw_attention_kernel, signature={n: signature[n] for n in names if n in signature},
-                    constexprs=constexprs, num_warps=w, num_stages=s, uses_tensor_cores=dtype != torch.float32,
-                ))
+                for in_memory in (False, True):
+                    signature = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, **scalars,
+                                 "SHIFT": "*i64" if in_memory else ptr, "qk_scale": "fp32"}
+                    constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
+                                      ALIGNED=True, SHIFT_IN_MEMORY=in_memory, UPCAST=False)
+                    builds.append(KernelBuild(
+                        name=f"{_OP} {ptr[1:]} d={head_dim} BLOCK_M={bm} BLOCK_N={bn} w{w} s{s}"
+                             + (" shift=tensor" if in_memory else ""),
+                        fn=_msw_attention_kernel, signature={n: signature[n] for n in names if n in signature},
+                        constexprs=constexprs, num_warps=w, num_stages=s, uses_tensor_cores=dtype != torch.float32,
+                    ))
     return builds

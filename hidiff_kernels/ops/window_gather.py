@@ -4,7 +4,7 @@ The original rolls the map, partitions it into windows, and reverses both afterw
 feature map per block. Listing the tokens in window order is one gather, and because attention projections
 act per token, a caller can gather the block's input once and scatter its output once (two copies), with
 every window a contiguous run of tokens in between. Everything here traces under torch.compile with a
-symbolic shift (no host reads, no branches on the shift).
+shift tensor or symbolic ints (no host reads, no branches on the shift).
 """
 import math
 
@@ -19,6 +19,7 @@ def window_token_order(size, shift, device=None):
 
     Windows of the map rolled by (-sh, -sw), split at ceil(H/2), ceil(W/2): top left, top right, bottom left,
     bottom right, each in row-major order. ``x.index_select(1, order)`` puts [B, N, ...] tokens in that order.
+    ``shift``: two ints, or an integer tensor [2] (used on its device, never read to the host).
     """
     (H, W), (sh, sw) = size, shift
     wh, ww = math.ceil(H / 2), math.ceil(W / 2)

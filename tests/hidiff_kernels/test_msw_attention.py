@@ -111,9 +111,12 @@ def test_every_cuda_config_matches_reference(monkeypatch, dtype, head_dim, confi
     H, W = 9, 2 * window_cols - 1
     shift = (3, W - 2)
     q, k, v = qkv(1, H, W, 1, head_dim, dtype)
-    out = msw_module._launch(q, k, v, H, W, *shift, head_dim**-0.5, config=config)
-    assert not out.isnan().any()
-    assert relative_error(out, expected(q, k, v, (H, W), shift)) < {torch.float32: 1e-5, torch.float16: 3e-3}[dtype]
+    want = expected(q, k, v, (H, W), shift)
+    # The shift as ints and as a device tensor (the adapter's random phases), here one window wrap away.
+    for given in (shift, torch.tensor([shift[0] + H, shift[1] - W], device=DEVICE)):
+        out = msw_module._launch(q, k, v, H, W, given, head_dim**-0.5, config=config)
+        assert not out.isnan().any()
+        assert relative_error(out, want) < {torch.float32: 1e-5, torch.float16: 3e-3}[dtype]
 
 
 @requires_interpreter
@@ -165,8 +168,8 @@ def test_torch_compile_fullgraph():
 
 
 def test_torch_compile_symbolic_shift():
-    """A shift that is a symbolic int under compile (how the adapter passes random window phases) reaches the
-    op without specializing the graph: one graph for every shift, each result right."""
+    """A shift that is a symbolic int under compile reaches the op without specializing the graph: one graph for
+    every shift, each result right."""
     q, k, v = qkv(1, 6, 5, 2, 16)
     graphs = []
 
@@ -187,10 +190,35 @@ def test_torch_compile_symbolic_shift():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("shift_dtype", [torch.int64, torch.int32])
+def test_shift_tensor(shift_dtype):
+    """A shift given as a tensor (how the adapter passes random window phases) is read on the device modulo the
+    size: under torch.compile one graph serves every value, with no int input for CUDA graphs to re-record on."""
+    B, H, W = 2, 7, 6
+    q, k, v = qkv(B, H, W, 2, 16)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(example_inputs)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, shift: hidiff_kernels.msw_attention(q, k, v, (H, W), shift),
+                             backend=counting_backend, fullgraph=True)
+    for sh, sw in ((0, 0), (3, 5), (6, 2), (H + 2, -1), (-3, 4 * W + 1)):
+        want = expected(q, k, v, (H, W), (sh % H, sw % W))
+        shift = torch.tensor([sh, sw], dtype=shift_dtype, device=DEVICE)
+        assert relative_error(hidiff_kernels.msw_attention(q, k, v, (H, W), shift), want) < 1e-5, (sh, sw)
+        assert relative_error(compiled(q, k, v, shift), want) < 1e-5, (sh, sw)
+    assert len(graphs) == 1 and not [x for x in graphs[0] if isinstance(x, (int, torch.SymInt))]
+    torch._dynamo.reset()
+
+
 def test_custom_op_registration():
     """Schema, fake (meta) implementation and AOT dispatch agree with the real op."""
     q, k, v = qkv(1, 5, 4, 2, 16)
-    torch.library.opcheck(torch.ops.hidiff.msw_attention.default, (q, k, v, 5, 4, 2, 1, 0.25))
+    torch.library.opcheck(torch.ops.hidiff.msw_attention.default, (q, k, v, 5, 4, 2, 1, None, 0.25))
+    torch.library.opcheck(torch.ops.hidiff.msw_attention.default, (q, k, v, 5, 4, 0, 0, torch.tensor([2, 1]), 0.25))
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):

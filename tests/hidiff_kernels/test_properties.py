@@ -57,6 +57,10 @@ def msw_args(draw):
         ["contiguous", "heads_major", "padded_d", "broadcast_heads"]))) for _ in range(3))
     size = draw(st.sampled_from([tuple, list, torch.Size]))((H, W))
     shift = (draw(st.integers(0, H - 1)), draw(st.integers(0, W - 1)))
+    if draw(st.booleans()):  # a shift tensor: any ints, used modulo the size
+        wraps = draw(st.integers(-2, 2)), draw(st.integers(-2, 2))
+        shift = torch.tensor([shift[0] + wraps[0] * H, shift[1] + wraps[1] * W],
+                             dtype=draw(st.sampled_from([torch.int32, torch.int64])))
     scale = draw(st.one_of(st.none(), st.floats(0.05, 2.0), st.integers(1, 2)))
     return dict(q=q, k=k, v=v, size=size, shift=shift, scale=scale)
 
@@ -66,7 +70,10 @@ def msw_args(draw):
 @torch.no_grad()
 def test_msw_attention_matches_reference(args):
     out = hidiff_kernels.msw_attention(**args)
-    expected = reference.msw_attention(**args)
+    shift = args["shift"]
+    if isinstance(shift, torch.Tensor):
+        shift = tuple(s % n for s, n in zip(shift.tolist(), args["size"]))
+    expected = reference.msw_attention(**{**args, "shift": shift})
     assert out.shape == args["q"].shape and out.dtype == args["q"].dtype
     assert relative_error(out, expected) < 1e-5
 
@@ -117,6 +124,12 @@ def _msw_mutations():
         ("shift_bool", with_(shift=(False, 0)), TypeError, "shift must be a pair"),
         ("shift_none", with_(shift=None), TypeError, "shift must be a pair"),
         ("shift_int", with_(shift=0), TypeError, "shift must be a pair"),
+        ("shift_tensor_float", with_(shift=torch.tensor([0.0, 1.0])), TypeError, "shift tensor must be int32/int64"),
+        ("shift_tensor_bool", with_(shift=torch.tensor([False, True])), TypeError, "shift tensor must be int32/int64"),
+        ("shift_tensor_three", with_(shift=torch.tensor([0, 0, 0])), TypeError, r"shift tensor .* shape \[2\]"),
+        ("shift_tensor_2d", with_(shift=torch.zeros(1, 2, dtype=torch.int64)), TypeError, r"shift tensor .* shape \[2\]"),
+        ("shift_tensor_device", with_(shift=torch.zeros(2, dtype=torch.int64, device="meta")), ValueError,
+         "shift is on meta"),
         ("scale_str", with_(scale="0.5"), TypeError, "scale must be"),
         ("scale_tensor", with_(scale=torch.tensor(0.5)), TypeError, "scale must be"),
         ("scale_nan", lambda a, d: {**a, "scale": d(st.sampled_from([math.nan, math.inf, -math.inf]))}, TypeError,

@@ -113,15 +113,19 @@ class PartitionReference:
     ("sd15", (5, 6), 1, (0, 0)),
     ("sdxl", (9, 6), 3, (3, 0)),
 ])
-def test_window_attention_matches_partition_reference(unets, model, size, phase, shift):
+@pytest.mark.parametrize("drawn", [False, True], ids=["pinned", "drawn"])
+def test_window_attention_matches_partition_reference(unets, monkeypatch, model, size, phase, shift, drawn):
     unet = unets[model]
     reference = module(copy.deepcopy(unet), WINDOW_TRANSFORMER[model])
     for block in reference.transformer_blocks:
         block.attn1.set_processor(PartitionReference(size, shift))
-    apply_hidiffusion(unet, backend="torch", apply_raunet=False, window_shift=phase)
+    apply_hidiffusion(unet, backend="torch", apply_raunet=False, window_shift=None if drawn else phase)
     patched = module(unet, WINDOW_TRANSFORMER[model])
     x = torch.randn(2, patched.config.in_channels, *size)
     context = torch.randn(2, 7, 32)
+    if drawn:  # the phases a UNet call draws, every one `phase` here: they reach the processors as a tensor
+        monkeypatch.setattr(torch, "randint", lambda high, size, generator: torch.full(size, phase))
+        unet._hidiffusion.before_unet(unet, (x,), {})
     with torch.no_grad():
         expected = reference(x, encoder_hidden_states=context).sample
         got = patched(x, encoder_hidden_states=context).sample

@@ -3,8 +3,8 @@
 What compiles: the UNet's forward, with every window-attention processor, RAU-Net hook and forward override
 inside it, as one graph per set of active RAU-Net ops. The step and the window phases are decided eagerly
 outside the compiled forward (the patched UNet's __call__) and reach it as state that dynamo guards on: a
-RAU-Net phase switch recompiles once, the steps in between reuse the graph, and random window phases are
-symbolic ints rather than one graph per draw.
+RAU-Net phase switch recompiles once, the steps in between reuse the graph, and random window phases enter
+as a tensor (one graph for every draw, nothing for CUDA graphs to re-record).
 """
 import contextlib
 import logging
@@ -38,9 +38,11 @@ class CountingBackend:
 
     def __init__(self):
         self.graphs = []
+        self.inputs = []
 
     def __call__(self, gm, example_inputs):
         self.graphs.append(gm)
+        self.inputs.append(example_inputs)
         return gm.forward
 
 
@@ -126,9 +128,13 @@ def test_random_window_phases_do_not_recompile_per_draw():
     gen = torch.Generator().manual_seed(3)
     draws = {tuple(torch.randint(4, (5,), generator=gen).tolist()) for _ in range(calls)}
     assert len(draws) == calls
-    # The phases are symbolic: one graph serves every draw (5 blocks x 4 phases would otherwise be a graph per call).
+    # One graph serves every draw (5 blocks x 4 phases would otherwise be a graph per call), and the phases are
+    # not symbolic ints (CUDA graph trees record a graph per distinct int) but the values of one int64 input.
     assert len(backend.graphs) == 1, len(backend.graphs)
     assert "index_select" in backend.graphs[-1].code
+    inputs = backend.inputs[-1]
+    assert not [x for x in inputs if isinstance(x, (int, torch.SymInt))]
+    assert [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor) and x.dtype == torch.int64] == [(5,)]
 
 
 def test_remove_after_compile_and_no_apply_after_compile():
