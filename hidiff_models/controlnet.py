@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import raunet, steps
-from .raunet import override_forward
+from .raunet import override_method
 
 SDXL_MODEL_TYPES = ("sdxl", "sdxl_turbo")
 # The ControlNet runs for the steps i < CONTROLNET_STEPS_RATIO * n (float product, as the original's).
@@ -174,5 +174,5 @@ def install_sdxl_controlnet(pipe, state):
 
         return forward
 
-    return override_forward(controlnet, make_forward)
+    return override_method(controlnet, "forward", make_forward)
 

@@ -14,17 +14,17 @@ from .ops import kernel_op
 FORCE_UPSAMPLE_SIZE = 12
 
 
-def override_forward(module, make_forward):
-    """Set ``module.forward = make_forward(current forward)`` on the instance; returns the undo."""
-    had_own_forward = "forward" in module.__dict__
-    previous = module.forward
-    module.forward = make_forward(previous)
+def override_method(module, method, make):
+    """Set ``module.<method> = make(current method)`` on the instance; returns the undo."""
+    had_own = method in module.__dict__
+    previous = getattr(module, method)
+    setattr(module, method, make(previous))
 
     def undo():
-        if had_own_forward:
-            module.forward = previous
+        if had_own:
+            setattr(module, method, previous)
         else:
-            del module.forward
+            delattr(module, method)
 
     return undo
 
@@ -34,17 +34,22 @@ _RAD_GEOMETRY = ((4, 4), (2, 2), (2, 2))
 
 
 def install_rad_conv(conv, state):
-    """RAD-conv: while active, the downsampler conv runs with stride 4, padding 2, dilation 2."""
+    """RAD-conv: while active, the downsampler conv runs with stride 4, padding 2, dilation 2.
 
-    def make_forward(previous):
-        def forward(x):
+    The override replaces nn.Conv2d's ``_conv_forward(x, weight, bias)``, which its ``forward`` calls: whatever
+    wraps that forward (accelerate's offload hooks, which bring the weights to the device) runs first, in
+    either order of apply and offload, and hands over the weights it loaded.
+    """
+
+    def make_conv_forward(previous):
+        def conv_forward(x, weight, bias):
             if state.ops.rad_conv:
-                return kernel_op("rau_downsample_conv", state.backend, x.device)(x, conv.weight, conv.bias)
-            return previous(x)
+                return kernel_op("rau_downsample_conv", state.backend, x.device)(x, weight, bias)
+            return previous(x, weight, bias)
 
-        return forward
+        return conv_forward
 
-    return override_forward(conv, make_forward)
+    return override_method(conv, "_conv_forward", make_conv_forward)
 
 
 def widen_lora_down_convs(downsampler, conv):
@@ -73,13 +78,20 @@ def is_plain_upsampler(module) -> bool:
     )
 
 
+def _bare_conv(conv):
+    """Whether nothing wraps or hooks the conv (no LoRA layer, no offload hook bringing its weights in): only
+    then may the fused op read its weights without calling it; otherwise diffusers' interpolate + conv runs."""
+    return type(conv) is nn.Conv2d and "forward" not in conv.__dict__ and not (
+        conv._forward_pre_hooks or conv._forward_hooks)
+
+
 def install_fused_upsample(upsampler, state):
     """RAU-upsample: the interpolate + conv of a plain Upsample2D run as one upsample_conv op."""
 
     def make_forward(previous):
         def forward(hidden_states, output_size=None, *args, **kwargs):
             conv = upsampler.conv
-            if args or kwargs or type(conv) is not nn.Conv2d:  # e.g. a LoRA-wrapped conv: diffusers' own path
+            if args or kwargs or not _bare_conv(conv):
                 return previous(hidden_states, output_size, *args, **kwargs)
             upsample_conv = kernel_op("upsample_conv", state.backend, hidden_states.device)
             if output_size is None:
@@ -88,7 +100,7 @@ def install_fused_upsample(upsampler, state):
 
         return forward
 
-    return override_forward(upsampler, make_forward)
+    return override_method(upsampler, "forward", make_forward)
 
 
 def _map_sample(output, fn):

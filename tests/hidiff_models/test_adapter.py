@@ -9,6 +9,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import hidiff_models.adapter as adapter
+from hidiff_kernels import reference
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 from hidiff_models.configs import POOLED_TEXT_DIM, build_unet
 from hidiff_models.schedule import ActiveOps
@@ -68,7 +69,8 @@ def snapshot(unet):
     return dict(
         state={k: v.clone() for k, v in unet.state_dict().items()},
         processors=dict(unet.attn_processors),
-        hooks=[(name, len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in m.__dict__)
+        hooks=[(name, len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in m.__dict__,
+                "_conv_forward" in m.__dict__)
                for name, m in unet.named_modules()],
         num_upsamplers=unet.num_upsamplers,
         cls=type(unet),
@@ -163,17 +165,34 @@ def test_rau_modules_values_while_active_and_inactive(unets, model):
         assert torch.equal(resized, F.interpolate(plain, size=(7, 10), mode="bicubic"))
 
 
-def test_upsamplers_match_diffusers_bit_for_bit(unets):
+def test_upsamplers_match_diffusers_bit_for_bit(unets, monkeypatch):
     unet = unets["sd15"]
     original = copy.deepcopy(unet)
     apply_hidiffusion(unet, backend="torch")
+    fused_calls = []
+    real_upsample_conv = reference.upsample_conv
+
+    def counted_upsample_conv(*args, **kwargs):
+        fused_calls.append(1)
+        return real_upsample_conv(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "upsample_conv", counted_upsample_conv)
     names = [name for name, m in unet.named_modules() if type(m).__name__ == "Upsample2D"]
     assert names == ["up_blocks.0.upsamplers.0", "up_blocks.1.upsamplers.0", "up_blocks.2.upsamplers.0"]
+    sizes = (None, (6, 10), (12, 20), (7, 9))
     with torch.no_grad():
         for name in names:
             x = torch.randn(2, module(unet, name).channels, 3, 5)
-            for size in (None, (6, 10), (12, 20), (7, 9)):
+            for size in sizes:
                 assert torch.equal(module(unet, name)(x, size), module(original, name)(x, size))
+        assert len(fused_calls) == len(names) * len(sizes)
+        # A hook on the conv must see its call (an offload hook brings the weights in): diffusers' own path runs.
+        name = names[0]
+        seen = []
+        module(unet, name).conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+        x = torch.randn(2, module(unet, name).channels, 3, 5)
+        assert torch.equal(module(unet, name)(x, (7, 9)), module(original, name)(x, (7, 9)))
+        assert seen == [(2, x.shape[1], 7, 9)] and len(fused_calls) == len(names) * len(sizes)
 
 
 def feature_sizes(unet, names):

@@ -2,6 +2,7 @@
 import copy
 import json
 
+import accelerate
 import pytest
 import torch
 import torch.nn.functional as F
@@ -208,6 +209,21 @@ def test_model_cpu_offload_before_and_after_apply(parts):
     late = apply_hidiffusion(sd15_pipe(parts), backend="torch")
     late.enable_model_cpu_offload(device="cpu")
     assert torch.equal(generate(late), expected)
+
+
+@pytest.mark.parametrize("apply_first", [True, False], ids=["apply-then-offload", "offload-then-apply"])
+def test_sequential_offload(parts, apply_first):
+    # The hooks enable_sequential_cpu_offload puts on every module (weights on the meta device between calls,
+    # brought in by each module's forward), on the UNet alone: this machine's tiny text encoder cannot be offloaded.
+    expected = generate(apply_hidiffusion(sd15_pipe(parts), backend="torch"))
+    pipe = sd15_pipe(parts)
+    if apply_first:
+        apply_hidiffusion(pipe, backend="torch")
+    accelerate.cpu_offload(pipe.unet, execution_device=torch.device("cpu"))
+    if not apply_first:
+        apply_hidiffusion(pipe, backend="torch")
+    assert pipe.unet.down_blocks[0].downsamplers[0].conv.weight.is_meta
+    assert torch.equal(generate(pipe), expected)
 
 
 ATTENTION_LORA = ["to_q", "to_k", "to_v", "to_out.0"]
