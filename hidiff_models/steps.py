@@ -68,25 +68,27 @@ def _pipeline_step(pipe, timestep):
     scheduler = pipe.scheduler
     timesteps = scheduler.timesteps
     n = getattr(pipe, "_num_timesteps", None) or len(timesteps)
-    begin = getattr(scheduler, "begin_index", None)
+    start = _run_start(pipe, scheduler, timesteps, n)
     step_index = getattr(scheduler, "step_index", None)
-    if step_index is not None:
-        step = step_index - (begin or 0)
-    else:
-        step = _timestep_position(pipe, timesteps, n, begin, timestep)
+    # step_index counts from the start of scheduler.timesteps (or from begin_index, which is then the start)
+    step = step_index - start if step_index is not None else _timestep_position(timesteps, start, n, timestep)
     if not 0 <= step < n:
         raise RuntimeError(f"HiDiffusion: derived step {step} is outside the {n} steps of this pipeline run")
     return step, n
 
 
-def _timestep_position(pipe, timesteps, n, begin, timestep):
-    """Position of ``timestep`` among the n timesteps run (schedulers without step_index, e.g. DDIM)."""
+def _run_start(pipe, scheduler, timesteps, n):
+    """Where the pipeline's n timesteps start in scheduler.timesteps."""
+    begin = getattr(scheduler, "begin_index", None)
     if begin is not None:
-        start = begin
-    elif getattr(pipe, "denoising_end", None) is not None and not getattr(pipe, "denoising_start", None):
-        start = 0  # SDXL base of an ensemble: the run is the head of the schedule
-    else:
-        start = len(timesteps) - n  # img2img strength truncation: the run is the tail
+        return begin
+    if getattr(pipe, "denoising_end", None) is not None and not getattr(pipe, "denoising_start", None):
+        return 0  # SDXL base of an ensemble: the run is the head of the schedule
+    return len(timesteps) - n  # img2img strength truncation (pipelines that set no begin_index): the run is the tail
+
+
+def _timestep_position(timesteps, start, n, timestep):
+    """Position of ``timestep`` among the n timesteps run (schedulers without step_index, e.g. DDIM)."""
     run = timesteps[start : start + n]
     t = torch.as_tensor(timestep).flatten()[0].to(run.device, run.dtype)
     matches = (run == t).nonzero().flatten().tolist()

@@ -136,9 +136,14 @@ def test_pipelines_sharing_a_unet_keep_their_own_steps(parts):
     assert torch.equal(nested[0], solo_second)
 
 
+@pytest.mark.parametrize("sets_begin_index", [True, False], ids=["begin-index", "no-begin-index"])
 @pytest.mark.parametrize("scheduler", [DDIMScheduler, EulerDiscreteScheduler])
-def test_img2img_counts_the_truncated_steps(parts, schedule_log, scheduler):
+def test_img2img_counts_the_truncated_steps(parts, schedule_log, scheduler, sets_begin_index):
     pipe = apply_hidiffusion(sd15_pipe(parts, cls=StableDiffusionImg2ImgPipeline, scheduler=scheduler), backend="torch")
+    # Custom pipelines and some older ones (diffusers 0.30's SDXL ControlNet inpaint) set no begin_index:
+    # step_index then counts from timesteps[0].
+    if not sets_begin_index:
+        pipe.scheduler.set_begin_index = lambda begin_index=0: None
     image = torch.rand(1, 3, 64, 64)
     generate(pipe, steps=8, image=image, strength=0.5, height=None, width=None)
     assert [(s, n) for s, n, _ in schedule_log] == [(0, 4), (1, 4), (2, 4), (3, 4)]
