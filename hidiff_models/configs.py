@@ -22,6 +22,16 @@ SD15 = dict(
     cross_attention_dim=768,
     attention_head_dim=8,
 )
+# SD2.1 (768 px, v-prediction): SD1.5's blocks and module names with linear projections, 64-dim heads
+# (attention_head_dim counts heads here), OpenCLIP's 1024-wide text states and upcast attention.
+SD21 = dict(
+    SD15,
+    sample_size=96,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
+    upcast_attention=True,
+)
 SDXL = dict(
     sample_size=128,
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -40,21 +50,23 @@ SDXL = dict(
 TINY = {
     "sd15": dict(SD15, block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=32,
                  attention_head_dim=2),
+    "sd21": dict(SD21, block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=32,
+                 attention_head_dim=(2, 4, 4, 4)),
     "sdxl": dict(SDXL, block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
                  attention_head_dim=(2, 4, 4), addition_time_embed_dim=8,
                  projection_class_embeddings_input_dim=6 * 8 + 32),
 }
-FULL = {"sd15": SD15, "sdxl": SDXL}
+FULL = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL}
 # Width of SDXL's pooled text embedding ("text_embeds"): what projection_class_embeddings_input_dim adds
 # to the six time ids.
 POOLED_TEXT_DIM = {"tiny": 32, "full": 1280}
 
 
 def unet_config(model: str, size: str = "tiny") -> dict:
-    """The UNet2DConditionModel kwargs for model 'sd15' or 'sdxl' at size 'tiny' or 'full'."""
+    """The UNet2DConditionModel kwargs for model 'sd15', 'sd21' or 'sdxl' at size 'tiny' or 'full'."""
     configs = {"tiny": TINY, "full": FULL}
     if size not in configs or model not in configs[size]:
-        raise ValueError(f"unknown built-in UNet {model!r} / {size!r}: models 'sd15', 'sdxl'; sizes 'tiny', 'full'")
+        raise ValueError(f"unknown built-in UNet {model!r} / {size!r}: models {sorted(FULL)}; sizes 'tiny', 'full'")
     return dict(configs[size][model])
 
 

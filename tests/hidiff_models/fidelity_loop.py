@@ -26,11 +26,11 @@ DDIM_CONFIG = dict(
     prediction_type="epsilon",
 )
 # (model, latent height, latent width, window shift k). Every (model, size) also gets a vanilla run.
-# All latents are below the profiles' size thresholds (sd15 -> sd15_1024, sdxl -> sdxl_2048 aggressive),
+# All latents are below the profiles' size thresholds (sd15, sd21 -> sd15_1024; sdxl -> sdxl_2048 aggressive),
 # as 64x64 would be, at a quarter of the cost; non-square sizes reach odd sizes deep in the UNet (x3).
 CASES = [
     (model, h, w, k)
-    for model in ("sd15", "sdxl")
+    for model in ("sd15", "sd21", "sdxl")
     for (h, w, ks) in ((32, 32, (0, 2)), (32, 24, (1, 3)), (24, 32, (2,)))
     for k in ks
 ]

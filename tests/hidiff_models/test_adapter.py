@@ -24,7 +24,7 @@ WINDOW_TRANSFORMER = {"sd15": "down_blocks.0.attentions.0", "sdxl": "down_blocks
 
 @pytest.fixture(scope="module")
 def built():
-    return {model: build_unet(model, "tiny", seed=1) for model in ("sd15", "sdxl")}
+    return {model: build_unet(model, "tiny", seed=1) for model in ("sd15", "sd21", "sdxl")}
 
 
 class FreshCopies(dict):
@@ -226,7 +226,7 @@ def test_unet_feature_sizes_follow_schedule(unets, model, step, expected):
         assert torch.equal(out, run(original, sample, kwargs))
 
 
-@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+@pytest.mark.parametrize("model", ["sd15", "sd21", "sdxl"])
 def test_remove_restores_bit_for_bit(unets, model):
     unet = unets[model]
     before = snapshot(unet)
@@ -348,7 +348,7 @@ def test_odd_sizes_and_batches_run_with_every_op_active(unets, monkeypatch, mode
 
 
 @requires_interpreter
-@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+@pytest.mark.parametrize("model", ["sd15", "sd21", "sdxl"])  # sd21: linear projections, 2 heads in the top blocks
 def test_triton_backend_matches_torch_backend(built, model):
     sample, kwargs = inputs(model, size=(8, 12))  # the interpreter is slow: small maps
     outputs = {}

@@ -7,7 +7,7 @@ from hidiff_models.configs import build_unet, seed_weights, unet_config
 
 def test_fast_build_gives_the_seeded_weights():
     """Meta-device construction and seeding in threads (build_unet) change nothing in the weights."""
-    for model in ("sd15", "sdxl"):
+    for model in ("sd15", "sd21", "sdxl"):
         expected = seed_weights(UNet2DConditionModel(**unet_config(model, "tiny")), 3).state_dict()
         built = build_unet(model, "tiny", seed=3).state_dict()
         assert built.keys() == expected.keys()

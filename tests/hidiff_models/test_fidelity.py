@@ -1,7 +1,7 @@
 """Fidelity to the original HiDiffusion (hidiffusion 0.1.10 on diffusers 0.29.2).
 
-fixtures/original_latents.pt holds final latents of a 10-step DDIM + CFG loop on the tiny SD1.5 / SDXL
-UNets with the original applied (window shift k pinned), recorded by make_original_fixtures.py in an
+fixtures/original_latents.pt holds final latents of a 10-step DDIM + CFG loop on the tiny SD1.5 / SD2.1 /
+SDXL UNets with the original applied (window shift k pinned), recorded by make_original_fixtures.py in an
 environment with the original package. Here the same loop runs with hidiff's torch backend.
 """
 import pathlib
@@ -18,9 +18,14 @@ FIXTURES = torch.load(HERE / "fixtures" / "original_latents.pt", weights_only=Tr
 TOL = 1e-5
 
 
+def model_type(model):
+    """SD2.1 has no model_type of its own: it is detected as the SD1.5 family from its layout."""
+    return None if model == "sd21" else model
+
+
 def run_hidiff(model, h, w, k):
     unet = fl.build_unet(model)
-    apply_hidiffusion(unet, backend="torch", window_shift=k, model_type=model)
+    apply_hidiffusion(unet, backend="torch", window_shift=k, model_type=model_type(model))
     latents = fl.denoise(unet, fl.make_inputs(model, h, w),
                          step_context=lambda i: denoising_step(unet, step=i, num_steps=fl.NUM_STEPS))
     return latents
@@ -45,7 +50,7 @@ def test_vanilla_after_remove_matches_recorded_vanilla(model, h, w):
     # Guards the comparison itself (same configs, weights, schedule and UNet numerics on both diffusers
     # versions) and that remove_hidiffusion restores the plain UNet.
     unet = fl.build_unet(model)
-    apply_hidiffusion(unet, backend="torch", window_shift=0, model_type=model)
+    apply_hidiffusion(unet, backend="torch", window_shift=0, model_type=model_type(model))
     remove_hidiffusion(unet)
     latents = fl.denoise(unet, fl.make_inputs(model, h, w))
     assert fl.rel_err(latents, FIXTURES["vanilla"][fl.case_name(model, h, w)]) < TOL
