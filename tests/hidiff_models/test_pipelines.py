@@ -119,6 +119,25 @@ def test_interrupted_generation_does_not_shift_the_next(parts, schedule_log, sch
     assert [s for s, _, _ in schedule_log] == [0, 1, 2, 3] + [0, 1, 2] + [0, 1, 2, 3]
 
 
+def test_error_inside_the_unet_leaks_nothing(parts, schedule_log):
+    # An error in the middle of a UNet call (the mid block, while RAD-conv widens the conv LoRA's down
+    # projection) leaves no geometry, step or phase behind for the next generation.
+    pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    add_lora(pipe.unet, ["down_blocks.0.downsamplers.0.conv"])
+    fresh = generate(pipe)
+
+    def fail(module, args, output):
+        raise Interrupt
+
+    handle = pipe.unet.mid_block.register_forward_hook(fail)
+    with pytest.raises(Interrupt):
+        generate(pipe)
+    handle.remove()
+    assert schedule_log[4][:2] == (0, 4) and active_ops("sd15", 8, 8, 0, 4).rad_conv  # it failed inside RAD-conv
+    assert pipe.unet.down_blocks[0].downsamplers[0].conv.lora_A["default"].stride == (2, 2)
+    assert torch.equal(generate(pipe), fresh)
+
+
 def test_pipelines_sharing_a_unet_keep_their_own_steps(parts):
     first = apply_hidiffusion(sd15_pipe(parts), backend="torch")
     second = apply_hidiffusion(sd15_pipe(parts, scheduler=EulerDiscreteScheduler, unet=first.unet), backend="torch")
