@@ -47,8 +47,10 @@ CPU_LABEL = "CPU reference timings, not kernel performance"
 DEFAULT_JSON = "bench-results/bench.json"
 # Image sizes in pixels (latents are 1/8). CUDA: the resolutions HiDiffusion is for. CPU: small enough for
 # the default run (tiny UNets) to take well under 2 minutes on 2 cores.
-CUDA_SIZES = {"sd15": (1024, 2048), "sdxl": (2048, 4096)}
-CPU_SIZES = {"sd15": (512,), "sdxl": (512,)}
+CUDA_SIZES = {"sd15": (1024, 2048), "sd21": (1536, 3072), "sdxl": (2048, 4096)}  # sd21: 2x and 4x its 768 px
+CPU_SIZES = {"sd15": (512,), "sd21": (512,), "sdxl": (512,)}
+# apply_hidiffusion's model_type of each built-in UNet: SD2.1 is the SD1.5 family (same blocks, same schedule)
+MODEL_TYPE = {"sd15": "sd15", "sd21": "sd15", "sdxl": "sdxl"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Where each op runs in the UNet. *_div: the map's size there is the latent size / div (each stride-2
@@ -61,11 +63,12 @@ SITES = {
                  rad_conv="down_blocks.1.downsamplers.0.conv", rad_div=2,
                  upsampler="up_blocks.0.upsamplers.0.conv"),
 }
+SITES["sd21"] = SITES["sd15"]
 
 
 @dataclass
 class BenchConfig:
-    models: list  # ["sd15", "sdxl"]; with model_path: one entry, the family (or None to detect)
+    models: list  # built-in UNets, e.g. ["sd15", "sdxl"]; with model_path: one entry, the family (or None to detect)
     device: str = "cpu"
     dtype: str = "fp32"
     unet_size: str = "tiny"  # built-in UNets: "tiny" (narrow channels) or "full" (real architecture)
@@ -349,7 +352,7 @@ def _unet_rows(cfg, unet, model, family, latent_hw, device, dtype, where, bar):
                 bar.update()
             continue
         # The same seed for both backends and the same sequence of calls: the same window shifts.
-        apply_hidiffusion(unet, backend=backend, generator=cfg.seed, model_type=model)
+        apply_hidiffusion(unet, backend=backend, generator=cfg.seed, model_type=MODEL_TYPE.get(model, model))
         try:
             for step in cfg.steps:
                 bar.set_description(f"{where['model']} {where['image']}: {backend} step {step}")

@@ -57,9 +57,9 @@ def build_parser():
         "Defaults on CPU: the tiny built-in UNets (real block layout, narrow channels) in fp32 at 512 pixels; "
         "CPU timings are PyTorch reference timings, not kernel performance.",
     )
-    bench.add_argument("--model-type", choices=("sd15", "sdxl", "all"), default="all",
-                       help="built-in UNet(s) to time (default: all); with --model, the model family "
-                            "('all': detect it)")
+    bench.add_argument("--model-type", choices=("sd15", "sd21", "sdxl", "all"), default="all",
+                       help="built-in UNet(s) to time (default: all = sd15 and sdxl; sd21 on CUDA at 1536 and "
+                            "3072 px); with --model, the model family ('all': detect it)")
     bench.add_argument("--model", metavar="PATH",
                        help="a local diffusers pipeline folder (its unet/) or UNet folder instead of the "
                             "built-in UNets")

@@ -152,6 +152,18 @@ def test_bench_tiny_writes_json(capsys, tmp_path):
     assert str(out_json) in err
 
 
+def test_bench_sd21(capsys, tmp_path):
+    out_json = tmp_path / "bench.json"
+    code, out, err = run_main(capsys, "bench", "--model-type", "sd21", "--device", "cpu", "--unet-size", "tiny",
+                              "--sizes", "64", "--repeats", "1", "--threads", "1", "--json", str(out_json))
+    assert code == 0, err
+    rows = json.loads(out_json.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"sd21"}
+    assert {r["group"] for r in rows} == {"unet", "msw", "rad-conv", "upsample-conv"}
+    assert all(r["median_ms"] > 0 for r in rows if "triton" not in r["case"])
+    assert "sd21: 64x64 image, 8x8 latents" in out
+
+
 def test_original_window_attention_baseline_matches_reference():
     """The bench's 'original roll/partition' attn1 computes the same function as the torch backend's path."""
     from diffusers.models.attention_processor import Attention
