@@ -348,12 +348,21 @@ def test_odd_sizes_and_batches_run_with_every_op_active(unets, monkeypatch, mode
 
 
 @requires_interpreter
-@pytest.mark.parametrize("model", ["sd15", "sd21", "sdxl"])  # sd21: linear projections, 2 heads in the top blocks
-def test_triton_backend_matches_torch_backend(built, model):
+@pytest.mark.parametrize("model, memory_format", [
+    ("sd15", torch.contiguous_format),
+    ("sd15", torch.channels_last),  # unet.to(memory_format=torch.channels_last): the usual deployment setting
+    ("sd21", torch.contiguous_format),  # linear projections, 2 heads in the top blocks
+    ("sdxl", torch.contiguous_format),
+])
+def test_triton_backend_matches_torch_backend(built, model, memory_format):
     sample, kwargs = inputs(model, size=(8, 12))  # the interpreter is slow: small maps
     outputs = {}
     for backend in ("triton", "torch"):
-        unet = apply_hidiffusion(copy.deepcopy(built[model]), backend=backend, generator=3)
-        outputs[backend] = [run(unet, sample, kwargs, step=s) for s in (0, 1)]
+        unet = copy.deepcopy(built[model])
+        if backend == "triton":
+            unet.to(memory_format=memory_format)
+        apply_hidiffusion(unet, backend=backend, generator=3)
+        x = sample.to(memory_format=memory_format) if backend == "triton" else sample
+        outputs[backend] = [run(unet, x, kwargs, step=s) for s in (0, 1)]
     for got, expected in zip(outputs["triton"], outputs["torch"]):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
