@@ -124,7 +124,8 @@ def _run_ptxas(ptx: str, arch: int) -> str:
     from triton.backends.nvidia import compiler as nv
 
     if hasattr(nv, "get_ptxas"):  # newer Tritons pick ptxas per arch (3.9 builds sm_90 with ptxas-blackwell)
-        ptxas = nv.get_ptxas(arch).path
+        ptxas = nv.get_ptxas(arch) if inspect.signature(nv.get_ptxas).parameters else nv.get_ptxas()  # 3.4: no arch
+        ptxas = ptxas.path if hasattr(ptxas, "path") else ptxas[0]  # 3.3: a (path, version) tuple
     else:
         ptxas = nv._path_to_binary("ptxas")[0]
     with tempfile.TemporaryDirectory() as d:

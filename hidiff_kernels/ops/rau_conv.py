@@ -6,6 +6,7 @@ which input pixel a tap reads, chosen by the UPSAMPLE constexpr. Input pixels ar
 from x through its strides (NCHW or channels-last), so neither an im2col buffer nor the enlarged
 map is ever written.
 """
+import functools
 from typing import Optional
 
 import numpy as np
@@ -114,13 +115,18 @@ CONFIGS = {
 # The interpreter pays per operation, not per element: one fixed tile, few programs per test shape.
 INTERPRETER_CONFIG = _config(64, 64, 32, 4)
 
-_conv3x3_autotuned = triton.autotune(
-    configs=[c for configs in CONFIGS.values() for c in configs],
-    key=["M", "Ci", "Co", "UPSAMPLE", "X_CHANNELS_LAST", "Y_CHANNELS_LAST"],
-    prune_configs_by={
-        "early_config_prune": lambda configs, nargs, **kw: CONFIGS[nargs["x_ptr"].element_size(), kw["X_CHANNELS_LAST"]]
-    },
-)(_conv3x3_kernel)
+@functools.cache
+def _conv3x3_autotuned():
+    """Built on first use: triton 3.3's Autotuner asks the GPU driver for a benchmarker when it is created,
+    which fails at import on a machine without a GPU."""
+    return triton.autotune(
+        configs=[c for configs in CONFIGS.values() for c in configs],
+        key=["M", "Ci", "Co", "UPSAMPLE", "X_CHANNELS_LAST", "Y_CHANNELS_LAST"],
+        prune_configs_by={
+            "early_config_prune":
+                lambda configs, nargs, **kw: CONFIGS[nargs["x_ptr"].element_size(), kw["X_CHANNELS_LAST"]]
+        },
+    )(_conv3x3_kernel)
 
 
 def _alloc_output(shape, like, memory_format):
@@ -170,7 +176,7 @@ def _launch(x, weight, bias, out_size, ratios, upsample, config=None):
     elif config is None and not autotune_enabled():
         config = CONFIGS[x.element_size(), flags["X_CHANNELS_LAST"]][0]
     if config is None:
-        _conv3x3_autotuned[grid](*args, **flags)
+        _conv3x3_autotuned()[grid](*args, **flags)
     else:
         _conv3x3_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     return y
