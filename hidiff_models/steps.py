@@ -68,7 +68,7 @@ def _pipeline_step(pipe, timestep):
     scheduler = pipe.scheduler
     timesteps = scheduler.timesteps
     n = getattr(pipe, "_num_timesteps", None) or len(timesteps)
-    start = _run_start(pipe, scheduler, timesteps, n)
+    start = _run_start(pipe, n)
     step_index = getattr(scheduler, "step_index", None)
     # step_index counts from the start of scheduler.timesteps (or from begin_index, which is then the start)
     step = step_index - start if step_index is not None else _timestep_position(timesteps, start, n, timestep)
@@ -77,14 +77,15 @@ def _pipeline_step(pipe, timestep):
     return step, n
 
 
-def _run_start(pipe, scheduler, timesteps, n):
-    """Where the pipeline's n timesteps start in scheduler.timesteps."""
-    begin = getattr(scheduler, "begin_index", None)
+def _run_start(pipe, n):
+    """Where the pipeline's n timesteps start in its scheduler's timesteps."""
+    begin = getattr(pipe.scheduler, "begin_index", None)
     if begin is not None:
         return begin
     if getattr(pipe, "denoising_end", None) is not None and not getattr(pipe, "denoising_start", None):
         return 0  # SDXL base of an ensemble: the run is the head of the schedule
-    return len(timesteps) - n  # img2img strength truncation (pipelines that set no begin_index): the run is the tail
+    # img2img strength truncation (pipelines that set no begin_index): the run is the tail
+    return len(pipe.scheduler.timesteps) - n
 
 
 def _timestep_position(timesteps, start, n, timestep):
