@@ -3,6 +3,8 @@
 Everything is an attention processor, a hook, an instance-level forward override, ``num_upsamplers`` or the
 pipeline's class, each recorded with its undo in the UNet's ``_hidiffusion`` state: remove restores the
 exact original objects. All checks run before the first change, so a refused apply leaves the model as it was.
+Hooks, overrides and undos are ``raunet.patch`` partials, not closures: a deepcopy of the UNet (or pipeline)
+is patched on its own modules and state.
 """
 import weakref
 from dataclasses import dataclass, replace
@@ -213,19 +215,19 @@ def _install(unet, layout, state, apply_raunet, apply_window_attn):
     undo = state.undo
     base_class = type(unet)
     unet.__class__ = _tracking_unet_class(base_class)
-    undo.append(lambda: setattr(unet, "__class__", base_class))
+    undo.append(raunet.patch(setattr, unet, "__class__", base_class))
     if apply_window_attn:
         processors_by_transformer = {}
         for index, name in enumerate(layout.window_blocks):
             attn = modules[name].attn1
             processor = WindowAttnProcessor(state, index)
             state.window_processors += 1
-            undo.append(_processor_undo(attn, attn.processor, processor))
+            undo.append(raunet.patch(_restore_processor, attn, attn.processor, processor))
             attn.set_processor(processor)
             processors_by_transformer.setdefault(_transformer_of(name), []).append(processor)
         for transformer_name, processors in processors_by_transformer.items():
             undo.append(modules[transformer_name].register_forward_pre_hook(
-                _feature_size_recorder(processors), with_kwargs=True).remove)
+                raunet.patch(_record_feature_size, processors), with_kwargs=True).remove)
     if apply_raunet:
         if layout.rad_conv is not None:
             conv = _unwrapped(modules[layout.rad_conv])
@@ -249,23 +251,16 @@ def _transformer_of(block_name):
     return block_name.rsplit(".transformer_blocks.", 1)[0]
 
 
-def _processor_undo(attn, original, ours):
-    def undo():
-        if attn.processor is ours:  # the user may have set other processors since
-            attn.set_processor(original)
-
-    return undo
+def _restore_processor(attn, original, ours):
+    if attn.processor is ours:  # the user may have set other processors since
+        attn.set_processor(original)
 
 
-def _feature_size_recorder(processors):
+def _record_feature_size(processors, module, args, kwargs):
     """Transformer2DModel pre-hook: the [B, C, h, w] input gives the token map size of its blocks."""
-
-    def hook(module, args, kwargs):
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        for processor in processors:
-            processor.feature_size = tuple(hidden_states.shape[-2:])
-
-    return hook
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    for processor in processors:
+        processor.feature_size = tuple(hidden_states.shape[-2:])
 
 
 def _split(pipe_or_unet, compiled_ok=False):

@@ -13,6 +13,7 @@ Here the same happens without touching the pipeline's code: an instance-level fo
 UNet's pre-call step (``unet_controlnet_kwargs``) turns the markers into ``None`` residuals and wraps real
 residuals in ``raunet.ResizedResidual``. The step comes from the pipeline's scheduler, like RAU-Net's.
 """
+import copy
 import inspect
 import sys
 
@@ -151,28 +152,44 @@ def install_sdxl_controlnet(pipe, state):
     """
     controlnet = getattr(pipe, "controlnet", None)
     if state.model_type not in SDXL_MODEL_TYPES or controlnet is None:
-        return lambda: None
+        return _nothing_to_undo
     model = getattr(controlnet, "_orig_mod", controlnet)
-    multi = bool(_class_names(model) & set(_MULTI))
-    signature = inspect.signature(model.forward)
-    return_dict_default = signature.parameters["return_dict"].default
-    unet = pipe.unet
+    # The signature of the ControlNet's own forward, read before the override takes the place of it.
+    undo = override_method(controlnet, "forward", _scheduled_controlnet_forward, pipe.unet, model,
+                           inspect.signature(model.forward))
+    return _PipelineUndo(pipe, undo)
 
-    def make_forward(previous):
-        def forward(*args, **kwargs):
-            arguments = signature.bind(*args, **kwargs).arguments
-            step, n, _ = steps.current_step(unet, arguments["timestep"])
-            if not controlnet_runs(step, n):
-                return _no_residuals(model, multi, arguments.get("return_dict", return_dict_default))
-            size = controlnet_input_size(*arguments["sample"].shape[-2:])
-            # Replaced where the caller put them: diffusers' decorators read some arguments from kwargs only.
-            args, kwargs = list(args), dict(kwargs)
-            _replace(signature, args, kwargs, "sample", lambda sample: F.interpolate(sample, size))
-            _replace(signature, args, kwargs, "controlnet_cond",
-                     lambda cond: _resize_images(cond, (size[0] * 8, size[1] * 8)))
-            return previous(*args, **kwargs)
 
-        return forward
+def _nothing_to_undo():
+    pass
 
-    return override_method(controlnet, "forward", make_forward)
 
+class _PipelineUndo:
+    """The undo of a patch on a pipeline's ControlNet, kept in its UNet's state. A deepcopy of the pipeline
+    copies it along; a deepcopy of the UNet alone leaves it, and the ControlNet, with the pipeline."""
+
+    def __init__(self, pipe, undo):
+        self.pipe = pipe
+        self.undo = undo
+
+    def __call__(self):
+        self.undo()
+
+    def __deepcopy__(self, memo):
+        if id(self.pipe) not in memo:  # copy.deepcopy registers an object in memo before copying its contents
+            return _nothing_to_undo
+        return _PipelineUndo(copy.deepcopy(self.pipe, memo), copy.deepcopy(self.undo, memo))
+
+
+def _scheduled_controlnet_forward(unet, model, signature, previous, *args, **kwargs):
+    arguments = signature.bind(*args, **kwargs).arguments
+    step, n, _ = steps.current_step(unet, arguments["timestep"])
+    if not controlnet_runs(step, n):
+        multi = bool(_class_names(model) & set(_MULTI))
+        return _no_residuals(model, multi, arguments.get("return_dict", signature.parameters["return_dict"].default))
+    size = controlnet_input_size(*arguments["sample"].shape[-2:])
+    # Replaced where the caller put them: diffusers' decorators read some arguments from kwargs only.
+    args, kwargs = list(args), dict(kwargs)
+    _replace(signature, args, kwargs, "sample", lambda sample: F.interpolate(sample, size))
+    _replace(signature, args, kwargs, "controlnet_cond", lambda cond: _resize_images(cond, (size[0] * 8, size[1] * 8)))
+    return previous(*args, **kwargs)

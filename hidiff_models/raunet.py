@@ -2,7 +2,13 @@
 
 Every ``install_*`` returns an undo callable. The hooks read ``state.ops`` (the ActiveOps of the UNet call
 in progress, set before the UNet's forward by its patched ``__call__``) and ``state.backend``.
+
+Hooks, overrides and undos are ``patch``es (partials of module-level functions), never closures:
+``copy.deepcopy`` keeps a function as it is, so a closure in a copied UNet would still act on the original's
+modules and state, while a partial's arguments are copied along with the model.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,19 +20,24 @@ from .ops import kernel_op
 FORCE_UPSAMPLE_SIZE = 12
 
 
-def override_method(module, method, make):
-    """Set ``module.<method> = make(current method)`` on the instance; returns the undo."""
-    had_own = method in module.__dict__
-    previous = getattr(module, method)
-    setattr(module, method, make(previous))
+def patch(fn, *args):
+    """``fn`` with its leading arguments bound, for a hook, override or undo: a deepcopy of the model copies the
+    arguments memo-consistently, so the copy's patch holds the copy's modules and state."""
+    return functools.partial(fn, *args)
 
-    def undo():
-        if had_own:
-            setattr(module, method, previous)
-        else:
-            delattr(module, method)
 
-    return undo
+def override_method(module, method, fn, *args):
+    """Set ``module.<method> = patch(fn, *args, current method)`` on the instance; returns the undo."""
+    own = module.__dict__.get(method)
+    setattr(module, method, patch(fn, *args, getattr(module, method)))
+    return patch(_restore_method, module, method, own)
+
+
+def _restore_method(module, method, own):
+    if own is None:
+        delattr(module, method)
+    else:
+        setattr(module, method, own)
 
 
 DOWNSAMPLER_GEOMETRY = ((2, 2), (1, 1), (1, 1))  # stride, padding, dilation of a 3x3 downsampler conv
@@ -40,16 +51,13 @@ def install_rad_conv(conv, state):
     wraps that forward (accelerate's offload hooks, which bring the weights to the device) runs first, in
     either order of apply and offload, and hands over the weights it loaded.
     """
+    return override_method(conv, "_conv_forward", _rad_conv_forward, state)
 
-    def make_conv_forward(previous):
-        def conv_forward(x, weight, bias):
-            if state.ops.rad_conv:
-                return kernel_op("rau_downsample_conv", state.backend, x.device)(x, weight, bias)
-            return previous(x, weight, bias)
 
-        return conv_forward
-
-    return override_method(conv, "_conv_forward", make_conv_forward)
+def _rad_conv_forward(state, previous, x, weight, bias):
+    if state.ops.rad_conv:
+        return kernel_op("rau_downsample_conv", state.backend, x.device)(x, weight, bias)
+    return previous(x, weight, bias)
 
 
 def widen_lora_down_convs(downsampler, conv):
@@ -87,20 +95,17 @@ def _bare_conv(conv):
 
 def install_fused_upsample(upsampler, state):
     """RAU-upsample: the interpolate + conv of a plain Upsample2D run as one upsample_conv op."""
+    return override_method(upsampler, "forward", _fused_upsample_forward, state, upsampler)
 
-    def make_forward(previous):
-        def forward(hidden_states, output_size=None, *args, **kwargs):
-            conv = upsampler.conv
-            if args or kwargs or not _bare_conv(conv):
-                return previous(hidden_states, output_size, *args, **kwargs)
-            upsample_conv = kernel_op("upsample_conv", state.backend, hidden_states.device)
-            if output_size is None:
-                return upsample_conv(hidden_states, conv.weight, conv.bias, scale_factor=2.0)
-            return upsample_conv(hidden_states, conv.weight, conv.bias, size=tuple(output_size))
 
-        return forward
-
-    return override_method(upsampler, "forward", make_forward)
+def _fused_upsample_forward(state, upsampler, previous, hidden_states, output_size=None, *args, **kwargs):
+    conv = upsampler.conv
+    if args or kwargs or not _bare_conv(conv):
+        return previous(hidden_states, output_size, *args, **kwargs)
+    upsample_conv = kernel_op("upsample_conv", state.backend, hidden_states.device)
+    if output_size is None:
+        return upsample_conv(hidden_states, conv.weight, conv.bias, scale_factor=2.0)
+    return upsample_conv(hidden_states, conv.weight, conv.bias, size=tuple(output_size))
 
 
 def _map_sample(output, fn):
@@ -116,35 +121,36 @@ def install_rad_pool(transformer, state):
 
     The hook sits on that pair's attention, so the pooled map is also the block's first skip output.
     """
+    return transformer.register_forward_hook(patch(_rad_pool_hook, state)).remove
 
-    def pool(x):
-        state.pre_pool_size = tuple(x.shape[-2:])
-        return F.avg_pool2d(x, kernel_size=2, ceil_mode=True)
 
-    def hook(module, args, output):
-        return _map_sample(output, pool) if state.ops.rad_pool else None
+def _rad_pool_hook(state, module, args, output):
+    return _map_sample(output, lambda x: _rad_pool(state, x)) if state.ops.rad_pool else None
 
-    return transformer.register_forward_hook(hook).remove
+
+def _rad_pool(state, x):
+    state.pre_pool_size = tuple(x.shape[-2:])
+    return F.avg_pool2d(x, kernel_size=2, ceil_mode=True)
 
 
 def install_rau_interp(transformer, state):
     """RAU-interp: after the second pair of the matching up block, bicubic resize back to the pre-pool size."""
+    return transformer.register_forward_hook(patch(_rau_interp_hook, state)).remove
 
-    def hook(module, args, output):
-        if not state.ops.rad_pool:
-            return None
-        return _map_sample(output, lambda x: F.interpolate(x, size=state.pre_pool_size, mode="bicubic"))
 
-    return transformer.register_forward_hook(hook).remove
+def _rau_interp_hook(state, module, args, output):
+    if not state.ops.rad_pool:
+        return None
+    return _map_sample(output, lambda x: F.interpolate(x, size=state.pre_pool_size, mode="bicubic"))
 
 
 def force_upsample_size(unet):
     unet.num_upsamplers += FORCE_UPSAMPLE_SIZE
+    return patch(_add_upsamplers, unet, -FORCE_UPSAMPLE_SIZE)
 
-    def undo():
-        unet.num_upsamplers -= FORCE_UPSAMPLE_SIZE
 
-    return undo
+def _add_upsamplers(unet, count):
+    unet.num_upsamplers += count
 
 
 class ResizedResidual:

@@ -260,6 +260,37 @@ def test_apply_twice_and_reapply_equal_apply_once(unets, built):
     assert all(torch.equal(a, b) for a, b in zip(two_steps(again), once))
 
 
+def scaled_weights(unet, factor=1.1):
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.mul_(factor)
+    return unet
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_deepcopy_is_an_independent_patched_unet(unets, built, model):
+    """copy.deepcopy of a patched UNet is patched on its own modules, state and weights; removing from the copy
+    leaves the original patched (closures would have kept acting on the original's modules)."""
+    sample, kwargs = inputs(model, size=(16, 24))
+    steps = (0, 9)  # RAU-Net + MSW-MSA, then MSW-MSA only; the window phases are drawn
+
+    def outputs(unet):
+        return [run(unet, sample, kwargs, step=s) for s in steps]
+
+    unet = apply_hidiffusion(unets[model], backend="torch", generator=5)
+    twin = scaled_weights(copy.deepcopy(unet))
+    scaled = apply_hidiffusion(scaled_weights(copy.deepcopy(built[model])), backend="torch", generator=5)
+    assert all(torch.equal(a, b) for a, b in zip(outputs(twin), outputs(scaled)))
+
+    remove_hidiffusion(twin)
+    vanilla = snapshot(built[model])
+    assert all(snapshot(twin)[key] == vanilla[key] for key in ("hooks", "num_upsamplers", "cls", "attrs"))
+    remove_hidiffusion(scaled)
+    assert all(torch.equal(a, b) for a, b in zip(outputs(twin), outputs(scaled)))
+    fresh = apply_hidiffusion(copy.deepcopy(built[model]), backend="torch", generator=5)
+    assert all(torch.equal(a, b) for a, b in zip(outputs(unet), outputs(fresh)))
+
+
 def other_layout_unet():
     return UNet2DConditionModel(
         sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,

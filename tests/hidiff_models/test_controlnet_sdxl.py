@@ -5,7 +5,7 @@ guess mode, img2img; 10 DDIM steps with CFG) with the original applied on diffus
 recorded by make_original_controlnet_fixture.py. Here the same pipelines run on the project's diffusers
 with apply_hidiffusion(backend="torch") and the SDXL ControlNet override.
 """
-import inspect
+import copy
 import pathlib
 import types
 
@@ -259,7 +259,7 @@ def test_remove_and_reapply_restore_the_forward():
     apply(pipe)
     apply(pipe)  # re-applying replaces the override, never stacks it
     override = pipe.controlnet.__dict__["forward"]
-    previous = inspect.getclosurevars(override).nonlocals["previous"]
+    previous = override.args[-1]  # the forward it wraps
     assert previous.__func__ is type(pipe.controlnet).forward
     remove_hidiffusion(pipe)
     assert "forward" not in pipe.controlnet.__dict__
@@ -279,3 +279,25 @@ def test_unsupported_controlnet_is_refused():
     with pytest.raises(ValueError, match="Linear"):
         cn.check_sdxl_controlnet(pipe, "sdxl")
     cn.check_sdxl_controlnet(pipe, "sd15")
+
+
+def test_deepcopy_of_the_pipeline_is_patched_on_its_own():
+    pipe = apply(tiny.build_pipeline(), window_shift=1)
+    twin = copy.deepcopy(pipe)
+    expected = FIXTURES["original"]["text2img_k1"]
+    assert tiny.rel_err(tiny.generate(twin, "text2img"), expected) < TOL
+    remove_hidiffusion(twin)
+    assert "forward" not in twin.controlnet.__dict__
+    assert tiny.rel_err(tiny.generate(twin, "text2img"), FIXTURES["vanilla"]["text2img"]) < TOL
+    assert tiny.rel_err(tiny.generate(pipe, "text2img"), expected) < TOL
+
+
+def test_deepcopy_of_the_unet_alone_leaves_the_controlnet_behind():
+    pipe = apply(tiny.build_pipeline())
+    memo = {}
+    twin = copy.deepcopy(pipe.unet, memo)
+    assert id(pipe.controlnet) not in memo  # its patch's undo stays with the pipeline
+    remove_hidiffusion(twin)
+    assert "forward" in pipe.controlnet.__dict__
+    remove_hidiffusion(pipe)
+    assert "forward" not in pipe.controlnet.__dict__
