@@ -1,11 +1,12 @@
 """apply_hidiffusion / remove_hidiffusion: patch a diffusers UNet (and its pipeline) with MSW-MSA and RAU-Net.
 
-Everything is an attention processor, a hook, an instance-level forward override, ``num_upsamplers`` or the
-pipeline's class, each recorded with its undo in the UNet's ``_hidiffusion`` state: remove restores the
-exact original objects. All checks run before the first change, so a refused apply leaves the model as it was.
-Hooks, overrides and undos are ``raunet.patch`` partials, not closures: a deepcopy of the UNet (or pipeline)
-is patched on its own modules and state.
+Everything is an attention processor, a hook, an instance-level method override (the UNet's call, forwards),
+``num_upsamplers`` or the pipeline's class, each recorded with its undo in the UNet's ``_hidiffusion`` state:
+remove restores the exact original objects. All checks run before the first change, so a refused apply leaves
+the model as it was. Hooks, overrides and undos are ``raunet.patch`` partials or bound methods, not closures:
+a deepcopy of the UNet (or pipeline) is patched on its own modules and state.
 """
+import types
 import weakref
 from dataclasses import dataclass, replace
 
@@ -76,6 +77,7 @@ class HiDiffusionState:
         self.rad_conv_site = None  # (downsampler, its conv) of RAD-conv, for LoRA convs beside the conv
         self.widened_lora_convs = []
         self.undo = []
+        self.untracked_call = None  # the UNet's _call_impl before apply
 
     def phase(self, index):
         """Window phase k in {0..3} of processor ``index`` for the UNet call in progress: the pinned int, or a
@@ -132,31 +134,24 @@ class HiDiffusionState:
         self.pre_pool_size = None
 
 
-_TRACKING_UNET_CLASSES = {}
+@torch.compiler.disable(recursive=False)
+def _tracked_call(unet, *args, **kwargs):
+    """A call of the patched UNet: HiDiffusionState.before_unet prepares it and after_unet ends it, eagerly around
+    the UNet's own ``_call_impl`` (hooks and forward).
 
-
-def _tracking_unet_class(cls):
-    """A subclass of UNet class ``cls`` whose ``__call__`` prepares each call with HiDiffusionState.before_unet.
-
-    torch.compile(unet) compiles what ``__call__`` invokes but not ``__call__`` itself (recursive=False), so the
-    preparation runs eagerly around the compiled forward; ``unet.compile()`` compiles only the inner call.
+    Bound to the instance as ``_call_impl`` (what ``unet(...)`` and ``unet.compile()`` run) and as ``__call__``
+    (what ``torch.compile(unet)`` wraps). Compiling skips this frame but not the ones it calls
+    (recursive=False), so the forward compiles and the preparation stays outside it. The UNet's class is left
+    as it is: diffusers' ``from_pipe`` takes only components of the exact class its pipeline names.
     """
-    if cls not in _TRACKING_UNET_CLASSES:
-
-        @torch.compiler.disable(recursive=False)
-        def __call__(self, *args, **kwargs):
-            state = self.__dict__.get(STATE_ATTR)
-            if state is None:
-                return cls.__call__(self, *args, **kwargs)
-            try:
-                args, kwargs = state.before_unet(self, args, kwargs)
-                return cls.__call__(self, *args, **kwargs)
-            finally:
-                state.after_unet()
-
-        tracking = steps.same_named_subclass(cls, __call__)
-        _TRACKING_UNET_CLASSES[cls] = tracking
-    return _TRACKING_UNET_CLASSES[cls]
+    state = unet.__dict__.get(STATE_ATTR)
+    if state is None:  # removed since torch.compile took this call
+        return unet._call_impl(*args, **kwargs)
+    try:
+        args, kwargs = state.before_unet(unet, args, kwargs)
+        return state.untracked_call(*args, **kwargs)
+    finally:
+        state.after_unet()
 
 
 def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_window_attn=True,
@@ -213,9 +208,10 @@ def remove_hidiffusion(pipe_or_unet):
 def _install(unet, layout, state, apply_raunet, apply_window_attn):
     modules = dict(unet.named_modules())
     undo = state.undo
-    base_class = type(unet)
-    unet.__class__ = _tracking_unet_class(base_class)
-    undo.append(raunet.patch(setattr, unet, "__class__", base_class))
+    state.untracked_call = unet._call_impl
+    # Bound methods (a deepcopy rebinds them to the copy), not partials: torch.compile must see a function frame.
+    for name in ("_call_impl", "__call__"):
+        undo.append(raunet.set_attribute(unet, name, types.MethodType(_tracked_call, unet)))
     if apply_window_attn:
         processors_by_transformer = {}
         for index, name in enumerate(layout.window_blocks):
@@ -266,23 +262,26 @@ def _record_feature_size(processors, module, args, kwargs):
 def _split(pipe_or_unet, compiled_ok=False):
     """(pipeline or None, UNet2DConditionModel), or TypeError.
 
-    A torch.compile'd UNet is looked through only when ``compiled_ok`` (removing): its compiled call was
-    bound before any patch, so applying after compiling would leave RAU-Net silently inactive.
+    A compiled UNet is accepted only when ``compiled_ok`` (removing): torch.compile(unet) and unet.compile()
+    bind the UNet's call when they run, so applying after compiling would leave HiDiffusion out of that call.
+    Compiling after apply binds the patched call (re-applying to such a UNet is fine).
     """
     from diffusers import UNet2DConditionModel
 
     is_pipeline = not isinstance(getattr(pipe_or_unet, "_orig_mod", pipe_or_unet), UNet2DConditionModel)
     unet = getattr(pipe_or_unet, "unet", None) if is_pipeline else pipe_or_unet
     compiled = isinstance(getattr(unet, "_orig_mod", None), UNet2DConditionModel)
-    if compiled and not compiled_ok:
-        raise TypeError("this UNet is already compiled (torch.compile): apply HiDiffusion first, then compile")
     unet = unet._orig_mod if compiled else unet
-    if isinstance(unet, UNet2DConditionModel) and (not is_pipeline or callable(pipe_or_unet)):
-        return (pipe_or_unet if is_pipeline else None), unet
-    raise TypeError(
-        "HiDiffusion needs a diffusers UNet2DConditionModel or a pipeline with one as `.unet`, "
-        f"got {type(pipe_or_unet).__name__}"
-    )
+    if not isinstance(unet, UNet2DConditionModel) or (is_pipeline and not callable(pipe_or_unet)):
+        raise TypeError(
+            "HiDiffusion needs a diffusers UNet2DConditionModel or a pipeline with one as `.unet`, "
+            f"got {type(pipe_or_unet).__name__}"
+        )
+    if not compiled_ok and compiled:
+        raise TypeError("this UNet is already compiled (torch.compile): apply HiDiffusion first, then compile")
+    if not compiled_ok and unet._compiled_call_impl is not None and STATE_ATTR not in unet.__dict__:
+        raise TypeError("this UNet is already compiled (unet.compile()): apply HiDiffusion first, then compile")
+    return (pipe_or_unet if is_pipeline else None), unet
 
 
 def _name_or_path(pipe, unet):

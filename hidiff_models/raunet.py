@@ -28,16 +28,21 @@ def patch(fn, *args):
 
 def override_method(module, method, fn, *args):
     """Set ``module.<method> = patch(fn, *args, current method)`` on the instance; returns the undo."""
-    own = module.__dict__.get(method)
-    setattr(module, method, patch(fn, *args, getattr(module, method)))
-    return patch(_restore_method, module, method, own)
+    return set_attribute(module, method, patch(fn, *args, getattr(module, method)))
 
 
-def _restore_method(module, method, own):
-    if own is None:
-        delattr(module, method)
+def set_attribute(module, name, value):
+    """Set ``module.<name> = value`` on the instance; returns the undo (the instance's own value again, or none)."""
+    had_own, own = name in module.__dict__, module.__dict__.get(name)
+    setattr(module, name, value)
+    return patch(_restore_attribute, module, name, had_own, own)
+
+
+def _restore_attribute(module, name, had_own, own):
+    if had_own:
+        setattr(module, name, own)
     else:
-        setattr(module, method, own)
+        delattr(module, name)
 
 
 DOWNSAMPLER_GEOMETRY = ((2, 2), (1, 1), (1, 1))  # stride, padding, dilation of a 3x3 downsampler conv

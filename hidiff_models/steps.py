@@ -56,8 +56,9 @@ def current_step(unet, timestep):
     call = _pipeline_call.get()
     if call is None:
         raise RuntimeError(
-            "HiDiffusion's RAU-Net needs the denoising step of each UNet call: call the UNet through the pipeline "
-            "passed to apply_hidiffusion, or wrap the call in `with hidiff_models.denoising_step(unet, step, n):`"
+            "HiDiffusion's RAU-Net needs the denoising step of each UNet call: call the UNet through a pipeline "
+            "passed to apply_hidiffusion (a pipeline made since with from_pipe needs its own apply_hidiffusion), "
+            "or wrap the call in `with hidiff_models.denoising_step(unet, step, n):`"
         )
     step, n = _pipeline_step(call.pipeline, timestep)
     return step, n, call

@@ -150,3 +150,22 @@ def test_remove_after_compile_and_no_apply_after_compile():
         expected = vanilla(sample, 500, **kwargs).sample
         assert torch.equal(compiled(sample, 500, **kwargs).sample, expected)  # the graph saw the removal
     assert not torch.equal(patched, expected)
+
+
+def test_in_place_compile_after_apply_and_not_before():
+    unet = apply_hidiffusion(build_unet("sd15", "tiny", seed=1), backend="torch", window_shift=1)
+    eager = apply_hidiffusion(build_unet("sd15", "tiny", seed=1), backend="torch", window_shift=1)
+    backend = CountingBackend()
+    unet.compile(backend=backend, fullgraph=True)
+    with recorded_graph_breaks() as breaks:
+        for step in (0, NUM_STEPS - 1):  # RAU-Net active, then not
+            assert relative_error(run(unet, unet, step), run(eager, eager, step)) < 1e-5, step
+    assert not breaks.locations and len(backend.graphs) == 2
+    apply_hidiffusion(unet, backend="torch", window_shift=1)  # re-applying to it is fine: it binds the patched call
+    assert relative_error(run(unet, unet, 0), run(eager, eager, 0)) < 1e-5
+
+    compiled_first = build_unet("sd15", "tiny", seed=1)
+    compiled_first.compile(backend=CountingBackend())
+    with pytest.raises(TypeError, match=r"unet.compile\(\)\): apply HiDiffusion first"):
+        apply_hidiffusion(compiled_first, backend="torch")
+    assert "_call_impl" not in compiled_first.__dict__

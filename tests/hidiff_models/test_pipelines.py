@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
+    StableDiffusionXLPipeline, UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -91,6 +91,7 @@ def test_apply_and_remove_on_pipeline(parts, schedule_log):
     expected = generate(pipe)
     assert apply_hidiffusion(pipe, backend="torch") is pipe
     assert type(pipe).__name__ == "StableDiffusionPipeline" and isinstance(pipe, StableDiffusionPipeline)
+    assert type(pipe.unet) is UNet2DConditionModel  # from_pipe keeps only components of the exact class
     patched = generate(pipe)
     assert not torch.equal(patched, expected)
     assert [(s, n) for s, n, _ in schedule_log] == [(0, 4), (1, 4), (2, 4), (3, 4)]
@@ -153,6 +154,19 @@ def test_pipelines_sharing_a_unet_keep_their_own_steps(parts):
 
     assert torch.equal(generate(first, steps=4, callback_on_step_end=run_second), solo_first)
     assert torch.equal(nested[0], solo_second)
+
+
+def test_from_pipe_shares_the_patched_unet(parts):
+    pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    assert img2img.unet is pipe.unet
+    img2img_args = dict(steps=8, image=torch.rand(1, 3, 64, 64), strength=0.5, height=None, width=None)
+    with pytest.raises(RuntimeError, match="from_pipe needs its own apply_hidiffusion"):
+        generate(img2img, **img2img_args)
+    apply_hidiffusion(img2img, backend="torch")
+    solo = apply_hidiffusion(sd15_pipe(parts, cls=StableDiffusionImg2ImgPipeline), backend="torch")
+    assert torch.equal(generate(img2img, **img2img_args), generate(solo, **img2img_args))
+    assert torch.equal(generate(pipe), generate(apply_hidiffusion(sd15_pipe(parts), backend="torch")))
 
 
 @pytest.mark.parametrize("sets_begin_index", [True, False], ids=["begin-index", "no-begin-index"])
