@@ -6,7 +6,9 @@ remove restores the exact original objects. All checks run before the first chan
 the model as it was. Hooks, overrides and undos are ``raunet.patch`` partials or bound methods, not closures:
 a deepcopy of the UNet (or pipeline) is patched on its own modules and state.
 """
+import copy
 import types
+import warnings
 import weakref
 from dataclasses import dataclass, replace
 
@@ -69,7 +71,7 @@ class HiDiffusionState:
         # One generator per pipeline call, restarted from the seed: equal inputs give equal images, even when
         # generations are interrupted or nested (another pipeline called from a callback).
         self.call_generators = weakref.WeakKeyDictionary()
-        self.window_processors = 0  # WindowAttnProcessors installed; each reads its phase by index
+        self.window_sites = []  # (attention, its WindowAttnProcessor), in the order of their phase indices
         self.in_call = False
         self.ops = INACTIVE  # ActiveOps of the UNet call in progress
         self.phases = None  # window phase k of each processor for the UNet call in progress, on its device
@@ -78,6 +80,15 @@ class HiDiffusionState:
         self.widened_lora_convs = []
         self.undo = []
         self.untracked_call = None  # the UNet's _call_impl before apply
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a UNet with HiDiffusion applied cannot be pickled (torch.save of the module): save its "
+                        "state_dict, or call remove_hidiffusion before pickling")
+
+    def __deepcopy__(self, memo):  # the usual deep copy, which would otherwise go through __reduce_ex__
+        copied = memo[id(self)] = object.__new__(HiDiffusionState)
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def phase(self, index):
         """Window phase k in {0..3} of processor ``index`` for the UNet call in progress: the pinned int, or a
@@ -105,8 +116,14 @@ class HiDiffusionState:
                 self.call_generators[call] = torch.Generator().manual_seed(self.seed)
             generator = self.call_generators[call]
         sample = args[0] if args else kwargs["sample"]
+        replaced = sum(attn.processor is not processor for attn, processor in self.window_sites)
+        if replaced:
+            warnings.warn(f"HiDiffusion: {replaced} of the {len(self.window_sites)} window-attention processors were "
+                          "replaced since apply_hidiffusion (set_attn_processor, load_ip_adapter, "
+                          "fuse_qkv_projections, ...): those blocks attend over the whole map. Call "
+                          "apply_hidiffusion again to restore MSW-MSA.", stacklevel=2)
         if self.pinned_phase is None:
-            phases = torch.randint(4, (self.window_processors,), generator=generator)
+            phases = torch.randint(4, (len(self.window_sites),), generator=generator)
             # Pinned memory: the copy does not make the host wait for the work queued on the GPU.
             self.phases = (phases.pin_memory().to(sample.device, non_blocking=True) if sample.is_cuda
                            else phases.to(sample.device))
@@ -217,7 +234,7 @@ def _install(unet, layout, state, apply_raunet, apply_window_attn):
         for index, name in enumerate(layout.window_blocks):
             attn = modules[name].attn1
             processor = WindowAttnProcessor(state, index)
-            state.window_processors += 1
+            state.window_sites.append((attn, processor))
             undo.append(raunet.patch(_restore_processor, attn, attn.processor, processor))
             attn.set_processor(processor)
             processors_by_transformer.setdefault(_transformer_of(name), []).append(processor)

@@ -1,6 +1,8 @@
 """apply_hidiffusion on bare tiny UNets: MSW-MSA and RAU-Net values, sizes, restoration, refusals."""
 import copy
+import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -258,6 +260,26 @@ def test_apply_twice_and_reapply_equal_apply_once(unets, built):
     remove_hidiffusion(again)
     apply_hidiffusion(again, backend="torch", generator=5)
     assert all(torch.equal(a, b) for a, b in zip(two_steps(again), once))
+
+
+def test_replaced_window_processors_are_reported(unets):
+    unet = apply_hidiffusion(unets["sd15"], backend="torch", window_shift=1)
+    sample, kwargs = inputs("sd15")
+    windowed = run(unet, sample, kwargs, step=9)
+    unet.set_attn_processor(AttnProcessor2_0())  # as load_ip_adapter or fuse_qkv_projections do
+    with pytest.warns(UserWarning, match="5 of the 5 window-attention processors were replaced"):
+        run(unet, sample, kwargs, step=9)
+    apply_hidiffusion(unet, backend="torch", window_shift=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(run(unet, sample, kwargs, step=9), windowed)
+
+
+def test_pickling_a_patched_unet_is_refused_clearly(unets):
+    unet = apply_hidiffusion(unets["sd15"], backend="torch")
+    with pytest.raises(TypeError, match="save its state_dict, or call remove_hidiffusion"):
+        torch.save(unet, io.BytesIO())
+    torch.save(remove_hidiffusion(unet), io.BytesIO())
 
 
 def scaled_weights(unet, factor=1.1):
