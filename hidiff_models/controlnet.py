@@ -154,8 +154,9 @@ def install_sdxl_controlnet(pipe, state):
     if state.model_type not in SDXL_MODEL_TYPES or controlnet is None:
         return _nothing_to_undo
     model = getattr(controlnet, "_orig_mod", controlnet)
+    multi = bool(_class_names(model) & set(_MULTI))
     # The signature of the ControlNet's own forward, read before the override takes the place of it.
-    undo = override_method(controlnet, "forward", _scheduled_controlnet_forward, pipe.unet, model,
+    undo = override_method(controlnet, "forward", _scheduled_controlnet_forward, pipe.unet, model, multi,
                            inspect.signature(model.forward))
     return _PipelineUndo(pipe, undo)
 
@@ -181,11 +182,10 @@ class _PipelineUndo:
         return _PipelineUndo(copy.deepcopy(self.pipe, memo), copy.deepcopy(self.undo, memo))
 
 
-def _scheduled_controlnet_forward(unet, model, signature, previous, *args, **kwargs):
+def _scheduled_controlnet_forward(unet, model, multi, signature, previous, *args, **kwargs):
     arguments = signature.bind(*args, **kwargs).arguments
     step, n, _ = steps.current_step(unet, arguments["timestep"])
     if not controlnet_runs(step, n):
-        multi = bool(_class_names(model) & set(_MULTI))
         return _no_residuals(model, multi, arguments.get("return_dict", signature.parameters["return_dict"].default))
     size = controlnet_input_size(*arguments["sample"].shape[-2:])
     # Replaced where the caller put them: diffusers' decorators read some arguments from kwargs only.
