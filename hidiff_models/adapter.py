@@ -116,12 +116,15 @@ class HiDiffusionState:
                 self.call_generators[call] = torch.Generator().manual_seed(self.seed)
             generator = self.call_generators[call]
         sample = args[0] if args else kwargs["sample"]
+        for attn, processor in self.window_sites:
+            if _is_unbound_window_processor(attn.processor):
+                attn.set_processor(processor)
         replaced = sum(attn.processor is not processor for attn, processor in self.window_sites)
         if replaced:
             warnings.warn(f"HiDiffusion: {replaced} of the {len(self.window_sites)} window-attention processors were "
-                          "replaced since apply_hidiffusion (set_attn_processor, load_ip_adapter, "
-                          "fuse_qkv_projections, ...): those blocks attend over the whole map. Call "
-                          "apply_hidiffusion again to restore MSW-MSA.", stacklevel=2)
+                          "replaced since apply_hidiffusion (set_attn_processor, fuse_qkv_projections, ...): "
+                          "those blocks attend over the whole map. Call apply_hidiffusion again to restore "
+                          "MSW-MSA.", stacklevel=2)
         if self.pinned_phase is None:
             phases = torch.randint(4, (len(self.window_sites),), generator=generator)
             # Pinned memory: the copy does not make the host wait for the work queued on the GPU.
@@ -265,8 +268,14 @@ def _transformer_of(block_name):
 
 
 def _restore_processor(attn, original, ours):
-    if attn.processor is ours:  # the user may have set other processors since
+    # The user may have set other processors since; an unbound copy of ours stands for ours.
+    if attn.processor is ours or _is_unbound_window_processor(attn.processor):
         attn.set_processor(original)
+
+
+def _is_unbound_window_processor(processor):
+    """What diffusers' IP-Adapter loaders leave in place of our processor: an instance made from its class alone."""
+    return type(processor) is WindowAttnProcessor and processor.state is None
 
 
 def _record_feature_size(processors, module, args, kwargs):

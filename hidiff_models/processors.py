@@ -15,14 +15,21 @@ class WindowAttnProcessor:
     The projections are the attention module's own (so LoRA layers on them keep working); only the
     softmax attention is windowed (see ``window_attention``). ``feature_size`` is the (h, w) token map,
     recorded before every call by a pre-hook on the enclosing Transformer2DModel.
+
+    diffusers' loaders (``load_ip_adapter``, ``unload_ip_adapter``) rebuild every attention processor from its
+    class with no arguments: such an unbound instance stands in for the site's own processor, which the patched
+    UNet puts back at its next call (``remove_hidiffusion`` puts back the original one).
     """
 
-    def __init__(self, state, index):
-        self.state = state
+    def __init__(self, state=None, index=None):
+        self.state = state  # None: unbound
         self.index = index  # which of the UNet call's window phases is this block's
         self.feature_size = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        if self.state is None:
+            raise RuntimeError("this HiDiffusion window-attention processor is not bound to a UNet (diffusers "
+                               "re-created it from its class); call apply_hidiffusion on the UNet that runs it")
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("HiDiffusion window attention is self-attention without a mask; "
                              "got encoder_hidden_states or attention_mask")

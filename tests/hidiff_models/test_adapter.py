@@ -14,6 +14,7 @@ import hidiff_models.adapter as adapter
 from hidiff_kernels import reference
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 from hidiff_models.configs import POOLED_TEXT_DIM, build_unet
+from hidiff_models.processors import WindowAttnProcessor
 from hidiff_models.schedule import ActiveOps
 
 from conftest import requires_interpreter
@@ -266,13 +267,19 @@ def test_replaced_window_processors_are_reported(unets):
     unet = apply_hidiffusion(unets["sd15"], backend="torch", window_shift=1)
     sample, kwargs = inputs("sd15")
     windowed = run(unet, sample, kwargs, step=9)
-    unet.set_attn_processor(AttnProcessor2_0())  # as load_ip_adapter or fuse_qkv_projections do
+    unet.set_attn_processor(AttnProcessor2_0())  # as set_default_attn_processor or fuse_qkv_projections do
     with pytest.warns(UserWarning, match="5 of the 5 window-attention processors were replaced"):
         run(unet, sample, kwargs, step=9)
     apply_hidiffusion(unet, backend="torch", window_shift=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(run(unet, sample, kwargs, step=9), windowed)
+
+
+def test_unbound_window_processor_refuses_to_run():
+    # What diffusers' IP-Adapter loaders make from the class; a patched UNet swaps it for its own at each call.
+    with pytest.raises(RuntimeError, match="not bound to a UNet"):
+        WindowAttnProcessor()(None, torch.randn(1, 4, 8))
 
 
 def test_pickling_a_patched_unet_is_refused_clearly(unets):

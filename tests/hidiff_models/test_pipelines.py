@@ -1,6 +1,7 @@
 """apply_hidiffusion on tiny real diffusers pipelines, built offline: step derivation, sharing, variants."""
 import copy
 import json
+import warnings
 
 import accelerate
 import pytest
@@ -11,7 +12,9 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
     StableDiffusionXLPipeline, UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
+)
 
 import hidiff_models.adapter as adapter
 import hidiff_models.raunet as raunet
@@ -308,3 +311,56 @@ def test_conv_lora_follows_rad_conv(parts):
     assert out.shape[-2:] == (4, 4)
     torch.testing.assert_close(out, expected)
     assert lora.lora_A["default"].stride == (2, 2)  # the LoRA's own geometry is back after the call
+
+
+IMAGE_EMBED_DIM = 12
+
+
+def ip_adapter_weights(unet):
+    """An IP-Adapter state dict (image projection + a to_k_ip/to_v_ip pair per cross-attention), seeded."""
+    generator = torch.Generator().manual_seed(6)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator) * 0.2
+
+    cross = unet.config.cross_attention_dim
+    image_proj = {"proj.weight": draw(4 * cross, IMAGE_EMBED_DIM), "proj.bias": draw(4 * cross),
+                  "norm.weight": 1 + draw(cross), "norm.bias": draw(cross)}
+    ip_adapter = {}
+    cross_attentions = [name[:-len(".processor")] for name in unet.attn_processors if ".attn2." in name]
+    for key_id, name in zip(range(1, 2 * len(cross_attentions), 2), cross_attentions):  # diffusers' numbering
+        attn = unet.get_submodule(name)
+        ip_adapter[f"{key_id}.to_k_ip.weight"] = draw(*attn.to_k.weight.shape)
+        ip_adapter[f"{key_id}.to_v_ip.weight"] = draw(*attn.to_v.weight.shape)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def load_ip_adapter(pipe):
+    pipe.register_modules(feature_extractor=CLIPImageProcessor())  # diffusers < 0.31 needs one without an image encoder
+    pipe.load_ip_adapter(ip_adapter_weights(pipe.unet), subfolder="", weight_name="", image_encoder_folder=None)
+
+
+def test_ip_adapter_before_and_after_apply(parts):
+    """diffusers' IP-Adapter loaders re-create attn1's processors from their class with no arguments; loading
+    or unloading one after apply keeps MSW-MSA (those calls failed with a TypeError before)."""
+    embeds = dict(ip_adapter_image_embeds=[torch.randn(2, 1, IMAGE_EMBED_DIM)])  # negative, positive
+    no_ip = generate(apply_hidiffusion(sd15_pipe(parts), backend="torch"))
+    before = sd15_pipe(parts)
+    load_ip_adapter(before)
+    ip_only = generate(before, **embeds)
+    with_ip = generate(apply_hidiffusion(before, backend="torch"), **embeds)
+    assert not torch.equal(with_ip, no_ip) and not torch.equal(with_ip, ip_only)
+
+    after = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    load_ip_adapter(after)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(generate(after, **embeds), with_ip)
+    assert not [w for w in caught if "window-attention processors were replaced" in str(w.message)]
+    after.unload_ip_adapter()
+    assert torch.equal(generate(after), no_ip)
+    load_ip_adapter(after)
+    remove_hidiffusion(after)  # before any call: the re-created processors are replaced by the originals
+    assert torch.equal(generate(after, **embeds), ip_only)
+    before.unload_ip_adapter()
+    assert torch.equal(generate(before), no_ip)
