@@ -364,3 +364,19 @@ def test_ip_adapter_before_and_after_apply(parts):
     assert torch.equal(generate(after, **embeds), ip_only)
     before.unload_ip_adapter()
     assert torch.equal(generate(before), no_ip)
+
+
+def test_freeu_before_and_after_apply(parts):
+    # FreeU scales the up blocks' features and filters their skips in the Fourier domain: any map size works,
+    # the RAU-Net sizes included.
+    def freeu(pipe):
+        pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+        return pipe
+
+    before = apply_hidiffusion(freeu(sd15_pipe(parts)), backend="torch")
+    after = freeu(apply_hidiffusion(sd15_pipe(parts), backend="torch"))
+    with_freeu = generate(after)
+    assert torch.equal(generate(before), with_freeu)
+    after.disable_freeu()
+    assert not torch.equal(generate(after), with_freeu)
+    assert torch.equal(generate(after), generate(apply_hidiffusion(sd15_pipe(parts), backend="torch")))
