@@ -340,18 +340,20 @@ def load_ip_adapter(pipe):
     pipe.load_ip_adapter(ip_adapter_weights(pipe.unet), subfolder="", weight_name="", image_encoder_folder=None)
 
 
-def test_ip_adapter_before_and_after_apply(parts):
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_ip_adapter_before_and_after_apply(parts, model):
     """diffusers' IP-Adapter loaders re-create attn1's processors from their class with no arguments; loading
     or unloading one after apply keeps MSW-MSA (those calls failed with a TypeError before)."""
+    make_pipe = {"sd15": sd15_pipe, "sdxl": sdxl_pipe}[model]
     embeds = dict(ip_adapter_image_embeds=[torch.randn(2, 1, IMAGE_EMBED_DIM)])  # negative, positive
-    no_ip = generate(apply_hidiffusion(sd15_pipe(parts), backend="torch"))
-    before = sd15_pipe(parts)
+    no_ip = generate(apply_hidiffusion(make_pipe(parts), backend="torch"))
+    before = make_pipe(parts)
     load_ip_adapter(before)
     ip_only = generate(before, **embeds)
     with_ip = generate(apply_hidiffusion(before, backend="torch"), **embeds)
     assert not torch.equal(with_ip, no_ip) and not torch.equal(with_ip, ip_only)
 
-    after = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    after = apply_hidiffusion(make_pipe(parts), backend="torch")
     load_ip_adapter(after)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
