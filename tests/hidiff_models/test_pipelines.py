@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-    StableDiffusionXLPipeline, UNet2DConditionModel,
+    StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
 )
 from transformers import (
     CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
@@ -229,6 +229,18 @@ def test_sdxl_pipeline_and_turbo_detection(parts, schedule_log):
     assert pipe.unet._hidiffusion.model_type == "sdxl_turbo"
     remove_hidiffusion(pipe)
     assert torch.equal(generate(pipe, steps=3), expected)
+
+
+@pytest.mark.parametrize("scheduler", [EulerDiscreteScheduler, DDIMScheduler])
+def test_sdxl_base_and_refiner_ensemble_steps(parts, schedule_log, scheduler):
+    # denoising_end runs the head of the schedule, denoising_start its tail: n counts the steps each one runs.
+    base = sdxl_pipe(parts)
+    base.scheduler = scheduler()
+    apply_hidiffusion(base, backend="torch")
+    latents = generate(base, steps=10, denoising_end=0.6)
+    refiner = apply_hidiffusion(StableDiffusionXLImg2ImgPipeline.from_pipe(base), backend="torch")
+    generate(refiner, steps=10, denoising_start=0.6, image=latents, height=None, width=None)
+    assert [(s, n) for s, n, _ in schedule_log] == [(s, 6) for s in range(6)] + [(s, 4) for s in range(4)]
 
 
 def test_several_images_per_prompt(parts):
