@@ -71,11 +71,23 @@ def _pipeline_step(pipe, timestep):
     n = getattr(pipe, "_num_timesteps", None) or len(timesteps)
     start = _run_start(pipe, n)
     step_index = getattr(scheduler, "step_index", None)
-    # step_index counts from the start of scheduler.timesteps (or from begin_index, which is then the start)
-    step = step_index - start if step_index is not None else _timestep_position(timesteps, start, n, timestep)
+    if step_index is not None:
+        # step_index counts from the start of scheduler.timesteps (or from begin_index, which is then the start)
+        step = step_index - start
+    elif _is_pndm(scheduler):
+        # PNDM runs one timestep twice (so a timestep is no position) and counts its step calls of this run
+        step = scheduler.counter
+    else:
+        step = _timestep_position(timesteps, start, n, timestep)
     if not 0 <= step < n:
         raise RuntimeError(f"HiDiffusion: derived step {step} is outside the {n} steps of this pipeline run")
     return step, n
+
+
+def _is_pndm(scheduler):
+    from diffusers import PNDMScheduler
+
+    return isinstance(scheduler, PNDMScheduler)
 
 
 def _run_start(pipe, n):

@@ -4,13 +4,14 @@ import json
 import warnings
 
 import accelerate
+import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import (
-    AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionControlNetPipeline,
-    StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-    StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
+    AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
+    StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
 )
 from transformers import (
     CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
@@ -170,6 +171,55 @@ def test_from_pipe_shares_the_patched_unet(parts):
     solo = apply_hidiffusion(sd15_pipe(parts, cls=StableDiffusionImg2ImgPipeline), backend="torch")
     assert torch.equal(generate(img2img, **img2img_args), generate(solo, **img2img_args))
     assert torch.equal(generate(pipe), generate(apply_hidiffusion(sd15_pipe(parts), backend="torch")))
+
+
+# The schedulers diffusers ships for these UNets, less those needing extra packages (LMS: scipy; DPMSolverSDE,
+# CosineDPMSolverMultistep: torchsde). IPNDM has no add_noise, so no img2img.
+SCHEDULERS = ["DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+              "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
+              "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "IPNDMScheduler",
+              "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler", "PNDMScheduler",
+              "SASolverScheduler", "TCDScheduler", "UniPCMultistepScheduler"]
+
+
+@pytest.mark.parametrize("cls", [StableDiffusionPipeline, StableDiffusionImg2ImgPipeline], ids=["text2img", "img2img"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers' own, thousands with numpy 2
+def test_every_scheduler_gives_each_unet_call_its_step(parts, schedule_log, scheduler, cls):
+    if cls is StableDiffusionImg2ImgPipeline and scheduler == "IPNDMScheduler":
+        pytest.skip("IPNDMScheduler has no add_noise")
+    if not hasattr(diffusers, scheduler):
+        pytest.skip(f"diffusers {diffusers.__version__} has no {scheduler}")
+    try:
+        getattr(diffusers, scheduler)().set_timesteps(5)
+    except ValueError as error:  # diffusers 0.30's DPMSolverSinglestepScheduler with a current torch
+        pytest.skip(f"{scheduler} of diffusers {diffusers.__version__} fails on its own: {error}")
+    pipe = apply_hidiffusion(sd15_pipe(parts, cls=cls, scheduler=getattr(diffusers, scheduler)), backend="torch")
+    kwargs = dict(steps=5)
+    if cls is StableDiffusionImg2ImgPipeline:
+        kwargs.update(image=torch.rand(1, 3, 64, 64), strength=0.6, height=None, width=None)
+    generate(pipe, **kwargs)
+    calls = pipe._num_timesteps  # the UNet calls of this run: 2 per step but the last for Heun and KDPM2
+    assert calls >= 3
+    assert [(s, n) for s, n, _ in schedule_log] == [(s, calls) for s in range(calls)]
+
+
+def sd15_pndm():
+    """SD1.5's own scheduler (its scheduler_config.json): PLMS, which runs its second timestep twice."""
+    return PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def test_pndm_interrupted_run_does_not_shift_the_next(parts, schedule_log):
+    # PNDM's position is its own count of step calls (a repeated timestep is no position): an interrupted run
+    # leaves that count behind, and the next run's set_timesteps resets it. 8 steps are 9 UNet calls.
+    pipe = apply_hidiffusion(sd15_pipe(parts, scheduler=sd15_pndm), backend="torch")
+    fresh = generate(pipe, steps=8)
+    with pytest.raises(Interrupt):
+        generate(pipe, steps=8, callback_on_step_end=interrupt_at_step_2)
+    assert torch.equal(generate(pipe, steps=8), fresh)
+    run = [(s, 9) for s in range(9)]
+    assert [(s, n) for s, n, _ in schedule_log] == run + run[:3] + run
 
 
 @pytest.mark.parametrize("sets_begin_index", [True, False], ids=["begin-index", "no-begin-index"])
