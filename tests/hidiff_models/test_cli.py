@@ -201,7 +201,7 @@ def test_plot_or_clear_message(capsys, tmp_path):
 def tiny_pipeline(tmp_path_factory):
     """A tiny SD1.5-layout text-to-image pipeline saved as a local diffusers folder."""
     pytest.importorskip("transformers")
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from hidiff_models.configs import build_unet
@@ -220,7 +220,8 @@ def tiny_pipeline(tmp_path_factory):
         max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, layers_per_block=1)
-    scheduler = DDIMScheduler(clip_sample=False, steps_offset=1)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",  # SD1.5's
+                              skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(unet=build_unet("sd15", "tiny"), vae=vae, text_encoder=text_encoder,
                                    tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
