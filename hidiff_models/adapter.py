@@ -140,6 +140,9 @@ class HiDiffusionState:
         flags["inpainting"] = flags["inpainting"] or self.inpainting
         flags["playground"] = flags["playground"] or self.playground
         self.ops = active_ops(self.model_type, sample.shape[-2], sample.shape[-1], step, n, **flags)
+        resizes = self.ops.rad_pool or (self.ops.rad_conv and self.rad_conv_site is not None)
+        if resizes and _has_adapter_residuals(kwargs):
+            raise ValueError(T2I_ADAPTER_REFUSAL)
         if self.ops.rad_conv and self.rad_conv_site is not None:
             self.widened_lora_convs = raunet.widen_lora_down_convs(*self.rad_conv_site)
         return args, kwargs
@@ -192,6 +195,8 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     layout = LAYOUTS[model_type]
     _check_layout(unet, layout, model_type, apply_window_attn)
     controlnet.check_sdxl_controlnet(pipe, model_type)
+    if apply_raunet and getattr(pipe, "adapter", None) is not None:
+        raise ValueError(T2I_ADAPTER_REFUSAL)
 
     remove_hidiffusion(pipe_or_unet)
     name_or_path = _name_or_path(pipe, unet).lower()
@@ -265,6 +270,18 @@ def _unwrapped(conv):
 def _transformer_of(block_name):
     """The Transformer2DModel holding a transformer block: 'x.attentions.0.transformer_blocks.1' -> 'x.attentions.0'."""
     return block_name.rsplit(".transformer_blocks.", 1)[0]
+
+
+T2I_ADAPTER_REFUSAL = (
+    "HiDiffusion's RAU-Net shrinks the feature maps that T2I-Adapter residuals are added to, so it cannot run "
+    "with a T2I-Adapter; apply_hidiffusion(..., apply_raunet=False) runs MSW-MSA alone with one")
+
+
+def _has_adapter_residuals(kwargs):
+    """Whether a UNet call carries T2I-Adapter residuals (diffusers also takes them as down residuals alone)."""
+    return kwargs.get("down_intrablock_additional_residuals") is not None or (
+        kwargs.get("down_block_additional_residuals") is not None
+        and kwargs.get("mid_block_additional_residual") is None)
 
 
 def _restore_processor(attn, original, ours):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
     StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-    StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel,
+    StableDiffusionAdapterPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline, T2IAdapter, UNet2DConditionModel,
 )
 from transformers import (
     CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
@@ -373,6 +374,34 @@ def test_conv_lora_follows_rad_conv(parts):
     assert out.shape[-2:] == (4, 4)
     torch.testing.assert_close(out, expected)
     assert lora.lora_A["default"].stride == (2, 2)  # the LoRA's own geometry is back after the call
+
+
+def test_t2i_adapter_needs_raunet_off(parts):
+    # Its residuals are added to the down blocks' maps at their usual sizes (with RAU-Net: a shape error, or for
+    # SDXL's mid block a residual silently dropped); MSW-MSA alone keeps the sizes.
+    torch.manual_seed(5)
+    t2i_adapter = T2IAdapter(in_channels=3, channels=list(parts["sd15_unet"].config.block_out_channels),
+                             num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter")
+    pipe = sd15_pipe(parts, cls=StableDiffusionAdapterPipeline, adapter=t2i_adapter)
+    condition = dict(image=torch.rand(1, 3, 64, 64))
+    vanilla = generate(pipe, **condition)
+    with pytest.raises(ValueError, match="cannot run with a T2I-Adapter; .*apply_raunet=False"):
+        apply_hidiffusion(pipe, backend="torch")
+    assert type(pipe) is StableDiffusionAdapterPipeline and torch.equal(generate(pipe, **condition), vanilla)
+    windowed = generate(apply_hidiffusion(pipe, backend="torch", apply_raunet=False), **condition)
+    assert torch.isfinite(windowed).all() and not torch.equal(windowed, vanilla)
+
+    unet = apply_hidiffusion(sd15_pipe(parts), backend="torch").unet  # a bare UNet fed adapter residuals by hand
+    sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 7, 32)
+    residuals = t2i_adapter(torch.rand(1, 3, 64, 64))
+
+    def unet_step(step):
+        with torch.no_grad(), hidiff_models.denoising_step(unet, step=step, num_steps=10):
+            return unet(sample, 500, context, down_intrablock_additional_residuals=list(residuals)).sample
+
+    with pytest.raises(ValueError, match="T2I-Adapter"):
+        unet_step(0)
+    assert torch.isfinite(unet_step(9)).all()  # RAU-Net off: the usual sizes
 
 
 IMAGE_EMBED_DIM = 12
