@@ -377,8 +377,8 @@ def test_conv_lora_follows_rad_conv(parts):
 
 
 def test_t2i_adapter_needs_raunet_off(parts):
-    # Its residuals are added to the down blocks' maps at their usual sizes (with RAU-Net: a shape error, or for
-    # SDXL's mid block a residual silently dropped); MSW-MSA alone keeps the sizes.
+    # Its residuals are added to the down blocks' maps at their usual sizes (with RAU-Net: a shape error
+    # mid-generation); MSW-MSA alone keeps the sizes.
     torch.manual_seed(5)
     t2i_adapter = T2IAdapter(in_channels=3, channels=list(parts["sd15_unet"].config.block_out_channels),
                              num_res_blocks=1, downscale_factor=8, adapter_type="full_adapter")
