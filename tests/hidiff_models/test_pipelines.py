@@ -174,7 +174,7 @@ def test_from_pipe_shares_the_patched_unet(parts):
     assert torch.equal(generate(pipe), generate(apply_hidiffusion(sd15_pipe(parts), backend="torch")))
 
 
-# The schedulers diffusers ships for these UNets, less those needing extra packages (LMS: scipy; DPMSolverSDE,
+# The usual SD/SDXL samplers of diffusers, less those needing extra packages (LMS: scipy; DPMSolverSDE,
 # CosineDPMSolverMultistep: torchsde). IPNDM has no add_noise, so no img2img.
 SCHEDULERS = ["DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
               "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
