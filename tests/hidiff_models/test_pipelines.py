@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
     StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-    StableDiffusionAdapterPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline, T2IAdapter, UNet2DConditionModel,
+    StableDiffusionAdapterPipeline, StableDiffusionPanoramaPipeline, StableDiffusionPipeline,
+    StableDiffusionSAGPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, T2IAdapter,
+    UNet2DConditionModel,
 )
 from transformers import (
     CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
@@ -292,6 +293,18 @@ def test_sdxl_base_and_refiner_ensemble_steps(parts, schedule_log, scheduler):
     refiner = apply_hidiffusion(StableDiffusionXLImg2ImgPipeline.from_pipe(base), backend="torch")
     generate(refiner, steps=10, denoising_start=0.6, image=latents, height=None, width=None)
     assert [(s, n) for s, n, _ in schedule_log] == [(s, 6) for s in range(6)] + [(s, 4) for s in range(4)]
+
+
+@pytest.mark.parametrize("cls, kwargs, calls_per_step", [
+    (StableDiffusionPanoramaPipeline, dict(height=512, width=640), 3),  # three 64x64-latent views a step
+    (StableDiffusionSAGPipeline, dict(sag_scale=0.75), 2),  # and a degraded pass a step
+], ids=["panorama", "self-attention-guidance"])
+def test_several_unet_calls_per_step(parts, schedule_log, cls, kwargs, calls_per_step):
+    pipe = sd15_pipe(parts, cls=cls)
+    vanilla = generate(pipe, steps=2, **kwargs)
+    patched = generate(apply_hidiffusion(pipe, backend="torch"), steps=2, **kwargs)
+    assert torch.isfinite(patched).all() and not torch.equal(patched, vanilla)
+    assert [(s, n) for s, n, _ in schedule_log] == [(s, 2) for s in range(2) for _ in range(calls_per_step)]
 
 
 def test_several_images_per_prompt(parts):
