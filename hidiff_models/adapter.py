@@ -140,10 +140,10 @@ class HiDiffusionState:
         flags["inpainting"] = flags["inpainting"] or self.inpainting
         flags["playground"] = flags["playground"] or self.playground
         self.ops = active_ops(self.model_type, sample.shape[-2], sample.shape[-1], step, n, **flags)
-        resizes = self.ops.rad_pool or (self.ops.rad_conv and self.rad_conv_site is not None)
-        if resizes and _has_adapter_residuals(kwargs):
+        rad_conv = self.ops.rad_conv and self.rad_conv_site is not None  # SDXL-Turbo has no RAD-conv
+        if (rad_conv or self.ops.rad_pool) and _has_adapter_residuals(kwargs):
             raise ValueError(T2I_ADAPTER_REFUSAL)
-        if self.ops.rad_conv and self.rad_conv_site is not None:
+        if rad_conv:
             self.widened_lora_convs = raunet.widen_lora_down_convs(*self.rad_conv_site)
         return args, kwargs
 
@@ -279,9 +279,8 @@ T2I_ADAPTER_REFUSAL = (
 
 def _has_adapter_residuals(kwargs):
     """Whether a UNet call carries T2I-Adapter residuals (diffusers also takes them as down residuals alone)."""
-    return kwargs.get("down_intrablock_additional_residuals") is not None or (
-        kwargs.get("down_block_additional_residuals") is not None
-        and kwargs.get("mid_block_additional_residual") is None)
+    down, mid = (kwargs.get(name) for name in controlnet.RESIDUAL_KWARGS)
+    return kwargs.get("down_intrablock_additional_residuals") is not None or (down is not None and mid is None)
 
 
 def _restore_processor(attn, original, ours):
