@@ -7,6 +7,7 @@ the model as it was. Hooks, overrides and undos are ``raunet.patch`` partials or
 a deepcopy of the UNet (or pipeline) is patched on its own modules and state.
 """
 import copy
+import threading
 import types
 import warnings
 import weakref
@@ -24,6 +25,7 @@ from .schedule import MODEL_TYPES, ActiveOps, active_ops
 
 STATE_ATTR = "_hidiffusion"
 INACTIVE = ActiveOps(rad_conv=False, rad_pool=False)
+_PATCHING = threading.RLock()  # one apply or remove at a time, whatever thread asks
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,12 @@ LAYOUTS = {"sd15": _SD15, "sdxl": _SDXL, "sdxl_turbo": replace(_SDXL, rad_conv=N
 class HiDiffusionState:
     """Per-UNet settings, the per-call schedule, the window-shift generator and the undo list."""
 
-    def __init__(self, model_type, backend, apply_raunet, window_shift, seed, inpainting, playground):
+    def __init__(self, model_type, backend, apply_raunet, apply_window_attn, window_shift, seed, inpainting,
+                 playground):
         self.model_type = model_type
         self.backend = backend
         self.apply_raunet = apply_raunet
+        self.apply_window_attn = apply_window_attn
         self.pinned_phase = window_shift
         self.seed = seed
         self.inpainting = inpainting
@@ -78,8 +82,17 @@ class HiDiffusionState:
         self.pre_pool_size = None
         self.rad_conv_site = None  # (downsampler, its conv) of RAD-conv, for LoRA convs beside the conv
         self.widened_lora_convs = []
-        self.undo = []
-        self.untracked_call = None  # the UNet's _call_impl before apply
+        self.undo = []  # undos of the patches on modules and pipelines, undone last first
+        # The UNet's call: the _call_impl before apply, and the undo of its override (which a new apply keeps).
+        self.untracked_call = None
+        self.call_tracking_undo = []
+        # Held for a whole UNet call: the per-call fields above are the UNet's, and threads may share the UNet.
+        self.call_lock = threading.RLock()
+
+    def settings(self):
+        """What apply_hidiffusion asked for, and derived from the model."""
+        return (self.model_type, self.backend, self.apply_raunet, self.apply_window_attn, self.pinned_phase,
+                self.seed, self.inpainting, self.playground)
 
     def __reduce_ex__(self, protocol):
         raise TypeError("a UNet with HiDiffusion applied cannot be pickled (torch.save of the module): save its "
@@ -87,7 +100,8 @@ class HiDiffusionState:
 
     def __deepcopy__(self, memo):  # the usual deep copy, which would otherwise go through __reduce_ex__
         copied = memo[id(self)] = object.__new__(HiDiffusionState)
-        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        copied.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k != "call_lock"}, memo))
+        copied.call_lock = threading.RLock()
         return copied
 
     def phase(self, index):
@@ -170,11 +184,14 @@ def _tracked_call(unet, *args, **kwargs):
     state = unet.__dict__.get(STATE_ATTR)
     if state is None:  # removed since torch.compile took this call
         return unet._call_impl(*args, **kwargs)
-    try:
-        args, kwargs = state.before_unet(unet, args, kwargs)
-        return state.untracked_call(*args, **kwargs)
-    finally:
-        state.after_unet()
+    with state.call_lock:
+        if unet.__dict__.get(STATE_ATTR) is state:
+            try:
+                args, kwargs = state.before_unet(unet, args, kwargs)
+                return state.untracked_call(*args, **kwargs)
+            finally:
+                state.after_unet()
+    return _tracked_call(unet, *args, **kwargs)  # removed or applied anew while this call waited
 
 
 def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_window_attn=True,
@@ -182,9 +199,14 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     """Patch a diffusers pipeline (with ``.unet``) or a UNet2DConditionModel with HiDiffusion; returns it.
 
     backend: "triton" (fused kernels), "torch" (plain PyTorch: the reference convs, the window-gather
-    MSW-MSA) or "auto" (Triton for CUDA tensors). window_shift: None draws the window phase k in {0..3} per block call from the adapter's own
-    generator (seeded by ``generator``, an int or a torch.Generator, restarted for every pipeline call);
-    an int pins k. model_type: "sd15" (also SD2.x), "sdxl", "sdxl_turbo", or None to detect.
+    MSW-MSA) or "auto" (Triton for CUDA tensors). window_shift: None draws the window phase k in {0..3} per
+    block call from the adapter's own generator (seeded by ``generator``, an int or a torch.Generator,
+    restarted for every pipeline call); an int pins k. model_type: "sd15" (also SD2.x), "sdxl",
+    "sdxl_turbo", or None to detect.
+
+    Pipelines may share the UNet (``from_pipe``) and call it from several threads. Applying to a UNet already
+    patched with the same settings only adds the pipeline; other settings patch the UNet anew, for every
+    pipeline sharing it (after any UNet call in progress).
     """
     pipe, unet = _split(pipe_or_unet)
     model_type = _resolve_model_type(pipe, unet, model_type)
@@ -198,18 +220,30 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     if apply_raunet and getattr(pipe, "adapter", None) is not None:
         raise ValueError(T2I_ADAPTER_REFUSAL)
 
-    remove_hidiffusion(pipe_or_unet)
     name_or_path = _name_or_path(pipe, unet).lower()
-    state = HiDiffusionState(model_type, backend, apply_raunet, window_shift, seed,
+    state = HiDiffusionState(model_type, backend, apply_raunet, apply_window_attn, window_shift, seed,
                              inpainting=unet.config.in_channels == 9, playground="playground" in name_or_path)
-    setattr(unet, STATE_ATTR, state)
-    try:
-        _install(unet, layout, state, apply_raunet, apply_window_attn)
-        if pipe is not None:  # the original's SDXL ControlNet schedule, with or without RAU-Net
-            state.undo.append(controlnet.install_sdxl_controlnet(pipe, state))
-    except BaseException:
-        remove_hidiffusion(pipe_or_unet)
-        raise
+    with _PATCHING, state.call_lock:  # a call in another thread that finds the new state waits for its install
+        current = unet.__dict__.get(STATE_ATTR)
+        if current is not None and current.settings() == state.settings() and _window_processors_in_place(current):
+            # Patched as asked already (applied twice, or through another pipeline sharing the UNet): the UNet
+            # stays as it is, so its generations in progress in other threads go on undisturbed.
+            current.bare_generator = state.bare_generator  # the window shifts of bare UNet calls restart
+            state, fresh, pipes = current, False, [pipe]
+        else:
+            # Other pipelines sharing the UNet keep the ControlNet schedule their own apply gave them.
+            pipes = [p for p, net in controlnet.scheduled_pipelines(current.undo if current else [])
+                     if getattr(p, "controlnet", None) is net]
+            pipes.append(pipe)
+            _replace_state(unet, current, state)
+            fresh = True
+        try:
+            if fresh:
+                _install(unet, layout, state, apply_raunet, apply_window_attn)
+            _schedule_controlnets(state, pipes)
+        except BaseException:
+            remove_hidiffusion(pipe_or_unet)
+            raise
     if pipe is not None:
         # Tracking is per pipeline, not part of the UNet's state: pipelines sharing the UNet stay tracked
         # when another one re-applies.
@@ -220,23 +254,47 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
 def remove_hidiffusion(pipe_or_unet):
     """Undo apply_hidiffusion on a pipeline or UNet (no-op when not patched), compiled since or not; returns it."""
     pipe, unet = _split(pipe_or_unet, compiled_ok=True)
-    state = unet.__dict__.get(STATE_ATTR)
-    if state is not None:
-        while state.undo:
-            state.undo.pop()()
-        delattr(unet, STATE_ATTR)
-    if pipe is not None:
-        pipe.__class__ = steps.untracked_class(type(pipe))
+    with _PATCHING:
+        state = unet.__dict__.get(STATE_ATTR)
+        if state is not None:
+            with state.call_lock:  # a UNet call in progress in another thread ends first
+                _undo_all(state.undo)
+                _undo_all(state.call_tracking_undo)  # last: calls that begin meanwhile wait for the lock
+                delattr(unet, STATE_ATTR)
+        if pipe is not None:
+            pipe.__class__ = steps.untracked_class(type(pipe))
     return pipe_or_unet
 
 
+def _undo_all(undo):
+    while undo:
+        undo.pop()()
+
+
+def _replace_state(unet, current, state):
+    """Make ``state`` the UNet's, its call tracked, with ``current``'s patches (if any) undone.
+
+    A UNet call that begins meanwhile, in another thread, must not run half patched: the call override is
+    kept from ``current`` rather than undone and set again (a call in that gap would run unguarded), and the
+    caller holds ``state.call_lock`` until the install is done.
+    """
+    if current is None:
+        state.untracked_call = unet._call_impl
+        # Bound methods (a deepcopy rebinds them to the copy), not partials: torch.compile must see a function frame.
+        state.call_tracking_undo = [raunet.set_attribute(unet, name, types.MethodType(_tracked_call, unet))
+                                    for name in ("_call_impl", "__call__")]
+        setattr(unet, STATE_ATTR, state)
+        return
+    with current.call_lock:  # a UNet call in progress ends first
+        _undo_all(current.undo)
+        state.untracked_call, state.call_tracking_undo = current.untracked_call, current.call_tracking_undo
+        setattr(unet, STATE_ATTR, state)
+
+
 def _install(unet, layout, state, apply_raunet, apply_window_attn):
+    """Patch the UNet's modules for ``state`` (its call is tracked already)."""
     modules = dict(unet.named_modules())
     undo = state.undo
-    state.untracked_call = unet._call_impl
-    # Bound methods (a deepcopy rebinds them to the copy), not partials: torch.compile must see a function frame.
-    for name in ("_call_impl", "__call__"):
-        undo.append(raunet.set_attribute(unet, name, types.MethodType(_tracked_call, unet)))
     if apply_window_attn:
         processors_by_transformer = {}
         for index, name in enumerate(layout.window_blocks):
@@ -260,6 +318,22 @@ def _install(unet, layout, state, apply_raunet, apply_window_attn):
         for module in unet.modules():
             if raunet.is_plain_upsampler(module):
                 undo.append(raunet.install_fused_upsample(module, state))
+
+
+def _schedule_controlnets(state, pipes):
+    """The original's SDXL ControlNet schedule (with or without RAU-Net) on each pipeline's ControlNet, once per
+    ControlNet: from_pipe pipelines share theirs."""
+    for pipe in pipes:
+        net = getattr(pipe, "controlnet", None)
+        if net is not None and all(net is not done for _, done in controlnet.scheduled_pipelines(state.undo)):
+            state.undo.append(controlnet.install_sdxl_controlnet(pipe, state))
+
+
+def _window_processors_in_place(state):
+    """Whether every window site still runs its WindowAttnProcessor (or an unbound copy, which the next call
+    rebinds)."""
+    return all(attn.processor is processor or _is_unbound_window_processor(attn.processor)
+               for attn, processor in state.window_sites)
 
 
 def _unwrapped(conv):

@@ -158,7 +158,12 @@ def install_sdxl_controlnet(pipe, state):
     # The signature of the ControlNet's own forward, read before the override takes the place of it.
     undo = override_method(controlnet, "forward", _scheduled_controlnet_forward, pipe.unet, model, multi,
                            inspect.signature(model.forward))
-    return _PipelineUndo(pipe, undo)
+    return _PipelineUndo(pipe, controlnet, undo)
+
+
+def scheduled_pipelines(undo):
+    """(pipeline, the ControlNet patched) of each install_sdxl_controlnet among the undo callables ``undo``."""
+    return [(u.pipe, u.controlnet) for u in undo if isinstance(u, _PipelineUndo)]
 
 
 def _nothing_to_undo():
@@ -169,8 +174,9 @@ class _PipelineUndo:
     """The undo of a patch on a pipeline's ControlNet, kept in its UNet's state. A deepcopy of the pipeline
     copies it along; a deepcopy of the UNet alone leaves it, and the ControlNet, with the pipeline."""
 
-    def __init__(self, pipe, undo):
+    def __init__(self, pipe, controlnet, undo):
         self.pipe = pipe
+        self.controlnet = controlnet
         self.undo = undo
 
     def __call__(self):
@@ -179,7 +185,7 @@ class _PipelineUndo:
     def __deepcopy__(self, memo):
         if id(self.pipe) not in memo:  # copy.deepcopy registers an object in memo before copying its contents
             return _nothing_to_undo
-        return _PipelineUndo(copy.deepcopy(self.pipe, memo), copy.deepcopy(self.undo, memo))
+        return _PipelineUndo(*copy.deepcopy((self.pipe, self.controlnet, self.undo), memo))
 
 
 def _scheduled_controlnet_forward(unet, model, multi, signature, previous, *args, **kwargs):

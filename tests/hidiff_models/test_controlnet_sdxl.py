@@ -265,6 +265,20 @@ def test_remove_and_reapply_restore_the_forward():
     assert "forward" not in pipe.controlnet.__dict__
 
 
+@pytest.mark.parametrize("settings", [dict(), dict(window_shift=2)], ids=["same_settings", "other_settings"])
+def test_applying_to_another_pipeline_keeps_the_controlnet_schedule(small_base, settings):
+    # from_pipe shares the UNet; applying HiDiffusion to the new pipeline, with the same settings (the UNet stays
+    # as it is) or others (it is patched anew), leaves the ControlNet pipeline's schedule in place.
+    pipe = apply(tiny.build_pipeline())
+    other = apply(diffusers.StableDiffusionXLPipeline.from_pipe(pipe), **settings)
+    spy = Spy(pipe)
+    tiny.generate(pipe, "text2img", num_inference_steps=3)
+    assert spy.controlnet == [(0, (2, 4, 16, 8), (2, 3, 128, 64))] * 2
+    assert [s is None for s in spy.unet] == [False, False, True]
+    remove_hidiffusion(other)
+    assert "forward" not in pipe.controlnet.__dict__
+
+
 def test_sd15_type_and_no_controlnet_are_untouched():
     controlnet = torch.nn.Linear(1, 1)
     for model_type, pipe in (("sd15", types.SimpleNamespace(controlnet=controlnet, unet=None)),

@@ -1,7 +1,9 @@
 """apply_hidiffusion on tiny real diffusers pipelines, built offline: step derivation, sharing, variants."""
 import copy
 import json
+import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import accelerate
 import diffusers
@@ -173,6 +175,53 @@ def test_from_pipe_shares_the_patched_unet(parts):
     solo = apply_hidiffusion(sd15_pipe(parts, cls=StableDiffusionImg2ImgPipeline), backend="torch")
     assert torch.equal(generate(img2img, **img2img_args), generate(solo, **img2img_args))
     assert torch.equal(generate(pipe), generate(apply_hidiffusion(sd15_pipe(parts), backend="torch")))
+
+
+def in_threads(fn, args):
+    """[fn(a) for a in args], run in a thread pool that switches threads often."""
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(fn, args))
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+
+def request(shared, prompt_embeds, **kwargs):
+    """A server's request (diffusers' server example): a from_pipe pipeline with its own scheduler, applied,
+    then called. The prompt is encoded once beforehand: the tokenizer and text encoder shared by the requests
+    give different results across threads now and then, without HiDiffusion too."""
+    pipe = StableDiffusionPipeline.from_pipe(shared, scheduler=DDIMScheduler.from_config(shared.scheduler.config))
+    apply_hidiffusion(pipe, backend="torch", window_shift=kwargs.pop("window_shift", None))
+    return generate(pipe, prompt=None, prompt_embeds=prompt_embeds[0], negative_prompt_embeds=prompt_embeds[1],
+                    **kwargs)
+
+
+def test_concurrent_requests_share_one_patched_unet(parts):
+    # Concurrent calls of the shared UNet (its per-call schedule, window phases, RAU-Net sizes) and applies with
+    # the same settings must not disturb one another.
+    shared = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    embeds = shared.encode_prompt(PROMPT, "cpu", 1, True)
+
+    def run(seed):
+        return request(shared, embeds, steps=6, seed=seed, height=96, width=96)
+
+    solo = [run(seed) for seed in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(in_threads(run, range(4)), solo))
+
+
+def test_concurrent_applies_with_other_settings_leave_a_consistent_unet(parts):
+    # Each apply patches the shared UNet anew (generations in progress go on with the new settings): no call may
+    # fail, and the UNet must end up patched exactly once.
+    shared = sd15_pipe(parts)
+    embeds = shared.encode_prompt(PROMPT, "cpu", 1, True)
+    vanilla = generate(shared)
+    in_threads(lambda k: request(shared, embeds, steps=3, window_shift=k % 4), range(8))
+    remove_hidiffusion(shared)
+    assert torch.equal(generate(shared), vanilla)
+    expected = generate(apply_hidiffusion(sd15_pipe(parts), backend="torch", window_shift=1))
+    assert torch.equal(request(shared, embeds, window_shift=1), expected)
 
 
 # The usual SD/SDXL samplers of diffusers, less those needing extra packages (LMS: scipy; DPMSolverSDE,
