@@ -224,13 +224,13 @@ def test_concurrent_applies_with_other_settings_leave_a_consistent_unet(parts):
     assert torch.equal(request(shared, embeds, window_shift=1), expected)
 
 
-# The usual SD/SDXL samplers of diffusers, less those needing extra packages (LMS: scipy; DPMSolverSDE,
-# CosineDPMSolverMultistep: torchsde). IPNDM has no add_noise, so no img2img.
-SCHEDULERS = ["DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-              "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
-              "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "IPNDMScheduler",
-              "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler", "PNDMScheduler",
-              "SASolverScheduler", "TCDScheduler", "UniPCMultistepScheduler"]
+# The usual SD/SDXL samplers of diffusers. IPNDM has no add_noise, so no img2img.
+SCHEDULERS = ["CosineDPMSolverMultistepScheduler", "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler",
+              "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "DPMSolverSinglestepScheduler",
+              "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler",
+              "EulerDiscreteScheduler", "HeunDiscreteScheduler", "IPNDMScheduler", "KDPM2AncestralDiscreteScheduler",
+              "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "SASolverScheduler",
+              "TCDScheduler", "UniPCMultistepScheduler"]
 
 
 @pytest.mark.parametrize("cls", [StableDiffusionPipeline, StableDiffusionImg2ImgPipeline], ids=["text2img", "img2img"])
@@ -250,7 +250,7 @@ def test_every_scheduler_gives_each_unet_call_its_step(parts, schedule_log, sche
     if cls is StableDiffusionImg2ImgPipeline:
         kwargs.update(image=torch.rand(1, 3, 64, 64), strength=0.6, height=None, width=None)
     generate(pipe, **kwargs)
-    calls = pipe._num_timesteps  # the UNet calls of this run: 2 per step but the last for Heun and KDPM2
+    calls = pipe._num_timesteps  # the UNet calls of this run: 2 per step but the last for Heun, KDPM2, DPMSolverSDE
     assert calls >= 3
     assert [(s, n) for s, n, _ in schedule_log] == [(s, calls) for s in range(calls)]
 
