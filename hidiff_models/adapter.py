@@ -94,6 +94,10 @@ class HiDiffusionState:
         return (self.model_type, self.backend, self.apply_raunet, self.apply_window_attn, self.pinned_phase,
                 self.seed, self.inpainting, self.playground)
 
+    def replaced_window_sites(self):
+        """How many window sites run another processor than theirs (set_attn_processor, ... since apply)."""
+        return sum(not _runs_window_processor(attn, processor) for attn, processor in self.window_sites)
+
     def __reduce_ex__(self, protocol):
         raise TypeError("a UNet with HiDiffusion applied cannot be pickled (torch.save of the module): save its "
                         "state_dict, or call remove_hidiffusion before pickling")
@@ -133,7 +137,7 @@ class HiDiffusionState:
         for attn, processor in self.window_sites:
             if _is_unbound_window_processor(attn.processor):
                 attn.set_processor(processor)
-        replaced = sum(attn.processor is not processor for attn, processor in self.window_sites)
+        replaced = self.replaced_window_sites()
         if replaced:
             warnings.warn(f"HiDiffusion: {replaced} of the {len(self.window_sites)} window-attention processors were "
                           "replaced since apply_hidiffusion (set_attn_processor, fuse_qkv_projections, ...): "
@@ -225,21 +229,19 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
                              inpainting=unet.config.in_channels == 9, playground="playground" in name_or_path)
     with _PATCHING, state.call_lock:  # a call in another thread that finds the new state waits for its install
         current = unet.__dict__.get(STATE_ATTR)
-        if current is not None and current.settings() == state.settings() and _window_processors_in_place(current):
-            # Patched as asked already (applied twice, or through another pipeline sharing the UNet): the UNet
-            # stays as it is, so its generations in progress in other threads go on undisturbed.
-            current.bare_generator = state.bare_generator  # the window shifts of bare UNet calls restart
-            state, fresh, pipes = current, False, [pipe]
-        else:
-            # Other pipelines sharing the UNet keep the ControlNet schedule their own apply gave them.
-            pipes = [p for p, net in controlnet.scheduled_pipelines(current.undo if current else [])
-                     if getattr(p, "controlnet", None) is net]
-            pipes.append(pipe)
-            _replace_state(unet, current, state)
-            fresh = True
         try:
-            if fresh:
-                _install(unet, layout, state, apply_raunet, apply_window_attn)
+            if current is not None and current.settings() == state.settings() and not current.replaced_window_sites():
+                # Patched as asked already (applied twice, or through another pipeline sharing the UNet): the UNet
+                # stays as it is, so its generations in progress in other threads go on undisturbed.
+                current.bare_generator = state.bare_generator  # the window shifts of bare UNet calls restart
+                state, pipes = current, [pipe]
+            else:
+                # Other pipelines sharing the UNet keep the ControlNet schedule their own apply gave them.
+                pipes = [p for p, net in controlnet.scheduled_pipelines(current.undo if current else [])
+                         if getattr(p, "controlnet", None) is net]
+                pipes.append(pipe)
+                _replace_state(unet, current, state)
+                _install(unet, layout, state)
             _schedule_controlnets(state, pipes)
         except BaseException:
             remove_hidiffusion(pipe_or_unet)
@@ -291,11 +293,11 @@ def _replace_state(unet, current, state):
         setattr(unet, STATE_ATTR, state)
 
 
-def _install(unet, layout, state, apply_raunet, apply_window_attn):
+def _install(unet, layout, state):
     """Patch the UNet's modules for ``state`` (its call is tracked already)."""
     modules = dict(unet.named_modules())
     undo = state.undo
-    if apply_window_attn:
+    if state.apply_window_attn:
         processors_by_transformer = {}
         for index, name in enumerate(layout.window_blocks):
             attn = modules[name].attn1
@@ -307,7 +309,7 @@ def _install(unet, layout, state, apply_raunet, apply_window_attn):
         for transformer_name, processors in processors_by_transformer.items():
             undo.append(modules[transformer_name].register_forward_pre_hook(
                 raunet.patch(_record_feature_size, processors), with_kwargs=True).remove)
-    if apply_raunet:
+    if state.apply_raunet:
         if layout.rad_conv is not None:
             conv = _unwrapped(modules[layout.rad_conv])
             undo.append(raunet.install_rad_conv(conv, state))
@@ -327,13 +329,6 @@ def _schedule_controlnets(state, pipes):
         net = getattr(pipe, "controlnet", None)
         if net is not None and all(net is not done for _, done in controlnet.scheduled_pipelines(state.undo)):
             state.undo.append(controlnet.install_sdxl_controlnet(pipe, state))
-
-
-def _window_processors_in_place(state):
-    """Whether every window site still runs its WindowAttnProcessor (or an unbound copy, which the next call
-    rebinds)."""
-    return all(attn.processor is processor or _is_unbound_window_processor(attn.processor)
-               for attn, processor in state.window_sites)
 
 
 def _unwrapped(conv):
@@ -358,9 +353,13 @@ def _has_adapter_residuals(kwargs):
 
 
 def _restore_processor(attn, original, ours):
-    # The user may have set other processors since; an unbound copy of ours stands for ours.
-    if attn.processor is ours or _is_unbound_window_processor(attn.processor):
+    if _runs_window_processor(attn, ours):  # else the user has set another processor since: theirs stays
         attn.set_processor(original)
+
+
+def _runs_window_processor(attn, ours):
+    """Whether ``attn`` runs our processor ``ours``, or an unbound copy of it, which the next UNet call rebinds."""
+    return attn.processor is ours or _is_unbound_window_processor(attn.processor)
 
 
 def _is_unbound_window_processor(processor):
