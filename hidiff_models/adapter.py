@@ -20,7 +20,7 @@ from hidiff_kernels import triton_runs_on
 
 from . import controlnet, raunet, steps
 from .ops import BACKENDS
-from .processors import WindowAttnProcessor
+from .processors import PAG_CHUNKS, PerturbedWindowAttnProcessor, WindowAttnProcessor
 from .schedule import MODEL_TYPES, ActiveOps, active_ops
 
 STATE_ATTR = "_hidiffusion"
@@ -76,6 +76,7 @@ class HiDiffusionState:
         # generations are interrupted or nested (another pipeline called from a callback).
         self.call_generators = weakref.WeakKeyDictionary()
         self.window_sites = []  # (attention, its WindowAttnProcessor), in the order of their phase indices
+        self.pag_sites = []  # (attention, PAG's processor) swapped for the UNet call in progress
         self.in_call = False
         self.ops = INACTIVE  # ActiveOps of the UNet call in progress
         self.phases = None  # window phase k of each processor for the UNet call in progress, on its device
@@ -137,6 +138,9 @@ class HiDiffusionState:
         for attn, processor in self.window_sites:
             if _is_unbound_window_processor(attn.processor):
                 attn.set_processor(processor)
+            elif type(attn.processor) in PAG_CHUNKS:  # a PAG pipeline perturbs this block: compose, put back after
+                self.pag_sites.append((attn, attn.processor))
+                attn.processor = PerturbedWindowAttnProcessor(processor, PAG_CHUNKS[type(attn.processor)])
         replaced = self.replaced_window_sites()
         if replaced:
             warnings.warn(f"HiDiffusion: {replaced} of the {len(self.window_sites)} window-attention processors were "
@@ -169,6 +173,9 @@ class HiDiffusionState:
     def after_unet(self):
         raunet.restore_lora_down_convs(self.widened_lora_convs)
         self.widened_lora_convs = []
+        for attn, pag_processor in self.pag_sites:
+            attn.processor = pag_processor
+        self.pag_sites = []
         self.in_call = False
         self.ops = INACTIVE
         self.phases = None
@@ -358,8 +365,11 @@ def _restore_processor(attn, original, ours):
 
 
 def _runs_window_processor(attn, ours):
-    """Whether ``attn`` runs our processor ``ours``, or an unbound copy of it, which the next UNet call rebinds."""
-    return attn.processor is ours or _is_unbound_window_processor(attn.processor)
+    """Whether ``attn`` runs our processor ``ours`` (alone or composed with PAG), or an unbound copy of it, which the
+    next UNet call rebinds."""
+    processor = attn.processor
+    return (processor is ours or _is_unbound_window_processor(processor)
+            or isinstance(processor, PerturbedWindowAttnProcessor) and processor.window_processor is ours)
 
 
 def _is_unbound_window_processor(processor):

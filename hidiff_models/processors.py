@@ -2,6 +2,7 @@
 import math
 
 import torch
+from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0, PAGIdentitySelfAttnProcessor2_0
 
 from hidiff_kernels import msw_attention
 from hidiff_kernels.ops.window_gather import window_ordered_attention, window_token_order
@@ -47,6 +48,31 @@ class WindowAttnProcessor:
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+# diffusers' PAG processors of UNet self-attention, by the number of chunks in the batch they perturb the last of
+PAG_CHUNKS = {PAGCFGIdentitySelfAttnProcessor2_0: 3, PAGIdentitySelfAttnProcessor2_0: 2}
+
+
+class PerturbedWindowAttnProcessor:
+    """A window site under perturbed-attention guidance (diffusers' PAG pipelines): MSW-MSA for the guided part
+    of the batch, PAG's identity self-attention (each token's own value) for its last, perturbed chunk.
+
+    PAG sets its identity processors on the layers it perturbs for a whole pipeline call; at a window site the
+    patched UNet runs this composition in their place for each UNet call and puts PAG's processor back after.
+    """
+
+    def __init__(self, window_processor, chunks):
+        self.window_processor = window_processor
+        self.chunks = chunks  # 3: [uncond, cond, perturbed] (PAG with CFG), 2: [cond, perturbed]
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        *guided, perturbed = hidden_states.chunk(self.chunks)
+        guided = self.window_processor(attn, torch.cat(guided), encoder_hidden_states, attention_mask, temb)
+        identity = attn.to_out[1](attn.to_out[0](attn.to_v(perturbed)))
+        if attn.residual_connection:
+            identity = identity + perturbed
+        return torch.cat([guided, identity / attn.rescale_output_factor])
 
 
 def window_attention(attn, hidden_states, size, shift, fused):

@@ -8,16 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import (
+    AttnProcessor2_0, PAGCFGIdentitySelfAttnProcessor2_0, PAGIdentitySelfAttnProcessor2_0,
+)
 
 import hidiff_models.adapter as adapter
 from hidiff_kernels import reference
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 from hidiff_models.configs import POOLED_TEXT_DIM, build_unet
-from hidiff_models.processors import WindowAttnProcessor
+from hidiff_models.processors import PAG_CHUNKS, WindowAttnProcessor
 from hidiff_models.schedule import ActiveOps
 
-from conftest import requires_interpreter
+from conftest import relative_error, requires_interpreter
 
 CONV = {"sd15": "down_blocks.0.downsamplers.0.conv", "sdxl": "down_blocks.1.downsamplers.0.conv"}
 POOL = {"sd15": "down_blocks.1.attentions.0", "sdxl": "down_blocks.1.attentions.0"}
@@ -55,6 +57,11 @@ def inputs(model, batch=1, size=(16, 16), seed=0):
         kwargs["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, POOLED_TEXT_DIM["tiny"], generator=gen),
                                            time_ids=torch.randn(batch, 6, generator=gen))
     return sample, kwargs
+
+
+def batch_rows(kwargs, rows):
+    """The UNet keyword inputs of batch rows ``rows`` (an index list or slice)."""
+    return {k: batch_rows(v, rows) if isinstance(v, dict) else v[rows] for k, v in kwargs.items()}
 
 
 @torch.no_grad()
@@ -402,9 +409,40 @@ def test_odd_sizes_and_batches_run_with_every_op_active(unets, monkeypatch, mode
     out = run(unet, sample, kwargs)
     assert out.shape == sample.shape and torch.isfinite(out).all()
     # each batch element is computed on its own
-    single = run(unet, sample[1:], {k: ({kk: vv[1:] for kk, vv in v.items()} if isinstance(v, dict) else v[1:])
-                                    for k, v in kwargs.items()})
+    single = run(unet, sample[1:], batch_rows(kwargs, slice(1, None)))
     torch.testing.assert_close(out[1:], single, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+@pytest.mark.parametrize("pag", [PAGCFGIdentitySelfAttnProcessor2_0, PAGIdentitySelfAttnProcessor2_0])
+def test_pag_at_window_sites_composes_with_msw(unets, model, pag):
+    # PAG perturbs the batch's last chunk. The UNet computes each sample on its own, so the guided samples must
+    # get MSW-MSA exactly as without PAG, and the perturbed one diffusers' own identity self-attention.
+    unet = apply_hidiffusion(unets[model], backend="torch", window_shift=1)
+    chunks = PAG_CHUNKS[pag]
+    sample, kwargs = inputs(model, batch=chunks)
+    sites = [attn for attn, _ in unet._hidiffusion.window_sites][::2]  # some of the window blocks
+    window_processors = [attn.processor for attn in sites]
+    perturb = pag()
+    for attn in sites:
+        attn.processor = perturb  # as PAG's pipelines set it for their call
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "processors were replaced" warning
+        out = run(unet, sample, kwargs)
+    assert all(attn.processor is perturb for attn in sites)  # PAG's processor is back after the call
+
+    for attn, processor in zip(sites, window_processors):
+        attn.processor = processor
+    guided = run(unet, sample[:-1], batch_rows(kwargs, slice(None, -1)))
+    stock = type("StockPAG", (pag,), {})()  # diffusers' code under a class the adapter does not compose
+    for attn in sites:
+        attn.processor = stock
+    last = [chunks - 1] * chunks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "processors were replaced": so they are, on purpose
+        perturbed = run(unet, sample[last], batch_rows(kwargs, last))[-1:]
+    assert relative_error(out[:-1], guided) < 1e-5
+    assert relative_error(out[-1:], perturbed) < 1e-5
 
 
 @requires_interpreter

@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
 from torch._dynamo.symbolic_convert import graph_break_log
 from torch._dynamo.utils import counters
 
@@ -54,14 +55,15 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def inputs():
+def inputs(batch=1):
     gen = torch.Generator().manual_seed(0)
-    return torch.randn(1, 4, *LATENT, generator=gen), dict(encoder_hidden_states=torch.randn(1, 7, 32, generator=gen))
+    return (torch.randn(batch, 4, *LATENT, generator=gen),
+            dict(encoder_hidden_states=torch.randn(batch, 7, 32, generator=gen)))
 
 
 @torch.no_grad()
-def run(model, unet, step):
-    sample, kwargs = inputs()
+def run(model, unet, step, batch=1):
+    sample, kwargs = inputs(batch)
     with denoising_step(unet, step, NUM_STEPS):
         return model(sample, 500, **kwargs).sample
 
@@ -135,6 +137,24 @@ def test_random_window_phases_do_not_recompile_per_draw():
     inputs = backend.inputs[-1]
     assert not [x for x in inputs if isinstance(x, (int, torch.SymInt))]
     assert [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor) and x.dtype == torch.int64] == [(5,)]
+
+
+def test_pag_composition_compiles_once():
+    # A PAG pipeline sets its processor on some window blocks for its call; each UNet call composes it with
+    # MSW-MSA (test_adapter's PAG test) inside the graph, which the steps reuse.
+    unets = [apply_hidiffusion(build_unet("sd15", "tiny", seed=1), backend="torch", window_shift=1) for _ in "ab"]
+    for unet in unets:
+        pag = PAGCFGIdentitySelfAttnProcessor2_0()
+        for attn, _ in unet._hidiffusion.window_sites[2:]:  # up_blocks.3
+            attn.processor = pag
+    eager, traced = unets
+    backend = CountingBackend()
+    compiled = torch.compile(traced, backend=backend, fullgraph=True)
+    with recorded_graph_breaks() as breaks:
+        for step in range(NUM_STEPS - 3, NUM_STEPS):  # one RAU-Net phase: none active
+            expected = run(eager, eager, step, batch=3)
+            assert relative_error(run(compiled, traced, step, batch=3), expected) < 1e-5, step
+    assert not breaks.locations and len(backend.graphs) == 1
 
 
 def test_remove_after_compile_and_no_apply_after_compile():

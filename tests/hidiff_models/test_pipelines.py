@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
     StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-    StableDiffusionAdapterPipeline, StableDiffusionPanoramaPipeline, StableDiffusionPipeline,
-    StableDiffusionSAGPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, T2IAdapter,
+    StableDiffusionAdapterPipeline, StableDiffusionPAGPipeline, StableDiffusionPanoramaPipeline,
+    StableDiffusionPipeline, StableDiffusionSAGPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, T2IAdapter,
     UNet2DConditionModel,
 )
 from transformers import (
@@ -22,6 +22,7 @@ from transformers import (
 )
 
 import hidiff_models.adapter as adapter
+import hidiff_models.processors as processors
 import hidiff_models.raunet as raunet
 import hidiff_models
 from hidiff_models import apply_hidiffusion, remove_hidiffusion
@@ -535,3 +536,26 @@ def test_freeu_before_and_after_apply(parts):
     after.disable_freeu()
     assert not torch.equal(generate(after), with_freeu)
     assert torch.equal(generate(after), generate(apply_hidiffusion(sd15_pipe(parts), backend="torch")))
+
+
+@pytest.mark.parametrize("guidance_scale, chunks", [(5.0, 3), (1.0, 2)], ids=["cfg", "no_cfg"])
+def test_pag_on_window_blocks_keeps_msw_attention(parts, monkeypatch, guidance_scale, chunks):
+    # PAG's layers here are window blocks (SD1.5's up_blocks.3): each UNet call composes PAG's identity
+    # attention on the perturbed samples with MSW-MSA on the others (values: test_adapter's PAG test).
+    composed = []
+    real = processors.PerturbedWindowAttnProcessor.__call__
+
+    def counted(self, attn, hidden_states, *args, **kwargs):
+        composed.append((self.chunks, hidden_states.shape[0]))
+        return real(self, attn, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(processors.PerturbedWindowAttnProcessor, "__call__", counted)
+    pipe = apply_hidiffusion(sd15_pipe(parts, cls=StableDiffusionPAGPipeline, pag_applied_layers=["up_blocks.3"]),
+                             backend="torch")
+    ours = dict(pipe.unet.attn_processors)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="HiDiffusion")
+        image = generate(pipe, pag_scale=3.0, guidance_scale=guidance_scale)
+    assert composed == [(chunks, chunks)] * 4 * 3  # 4 steps x up_blocks.3's 3 window blocks
+    assert all(pipe.unet.attn_processors[name] is p for name, p in ours.items())  # as PAG puts them back
+    assert torch.equal(generate(pipe, pag_scale=3.0, guidance_scale=guidance_scale), image)
