@@ -77,6 +77,7 @@ class HiDiffusionState:
         self.call_generators = weakref.WeakKeyDictionary()
         self.window_sites = []  # (attention, its WindowAttnProcessor), in the order of their phase indices
         self.pag_sites = []  # (attention, PAG's processor) swapped for the UNet call in progress
+        self.retired = False  # removed, or replaced by another apply: its processors run stock attention
         self.in_call = False
         self.ops = INACTIVE  # ActiveOps of the UNet call in progress
         self.phases = None  # window phase k of each processor for the UNet call in progress, on its device
@@ -270,6 +271,7 @@ def remove_hidiffusion(pipe_or_unet):
                 _undo_all(state.undo)
                 _undo_all(state.call_tracking_undo)  # last: calls that begin meanwhile wait for the lock
                 delattr(unet, STATE_ATTR)
+                state.retired = True
         if pipe is not None:
             pipe.__class__ = steps.untracked_class(type(pipe))
     return pipe_or_unet
@@ -296,6 +298,7 @@ def _replace_state(unet, current, state):
         return
     with current.call_lock:  # a UNet call in progress ends first
         _undo_all(current.undo)
+        current.retired = True
         state.untracked_call, state.call_tracking_undo = current.untracked_call, current.call_tracking_undo
         setattr(unet, STATE_ATTR, state)
 
@@ -387,9 +390,10 @@ def _record_feature_size(processors, module, args, kwargs):
 def _split(pipe_or_unet, compiled_ok=False):
     """(pipeline or None, UNet2DConditionModel), or TypeError.
 
-    A compiled UNet is accepted only when ``compiled_ok`` (removing): torch.compile(unet) and unet.compile()
-    bind the UNet's call when they run, so applying after compiling would leave HiDiffusion out of that call.
-    Compiling after apply binds the patched call (re-applying to such a UNet is fine).
+    torch.compile(unet) and unet.compile() bind the UNet's call when they run, so applying after compiling
+    would leave HiDiffusion out of that call: a compiled UNet is refused unless it is patched (compiled after
+    apply, which binds the patched call: applying again, or to another pipeline sharing it, is fine) or
+    ``compiled_ok`` (removing).
     """
     from diffusers import UNet2DConditionModel
 
@@ -402,10 +406,11 @@ def _split(pipe_or_unet, compiled_ok=False):
             "HiDiffusion needs a diffusers UNet2DConditionModel or a pipeline with one as `.unet`, "
             f"got {type(pipe_or_unet).__name__}"
         )
-    if not compiled_ok and compiled:
-        raise TypeError("this UNet is already compiled (torch.compile): apply HiDiffusion first, then compile")
-    if not compiled_ok and unet._compiled_call_impl is not None and STATE_ATTR not in unet.__dict__:
-        raise TypeError("this UNet is already compiled (unet.compile()): apply HiDiffusion first, then compile")
+    if not compiled_ok and STATE_ATTR not in unet.__dict__:
+        if compiled:
+            raise TypeError("this UNet is already compiled (torch.compile): apply HiDiffusion first, then compile")
+        if unet._compiled_call_impl is not None:
+            raise TypeError("this UNet is already compiled (unet.compile()): apply HiDiffusion first, then compile")
     return (pipe_or_unet if is_pipeline else None), unet
 
 

@@ -2,7 +2,9 @@
 import math
 
 import torch
-from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0, PAGIdentitySelfAttnProcessor2_0
+from diffusers.models.attention_processor import (
+    AttnProcessor2_0, PAGCFGIdentitySelfAttnProcessor2_0, PAGIdentitySelfAttnProcessor2_0,
+)
 
 from hidiff_kernels import msw_attention
 from hidiff_kernels.ops.window_gather import window_ordered_attention, window_token_order
@@ -19,7 +21,9 @@ class WindowAttnProcessor:
 
     diffusers' loaders (``load_ip_adapter``, ``unload_ip_adapter``) rebuild every attention processor from its
     class with no arguments: such an unbound instance stands in for the site's own processor, which the patched
-    UNet puts back at its next call (``remove_hidiffusion`` puts back the original one).
+    UNet puts back at its next call (``remove_hidiffusion`` puts back the original one). A processor of a patch
+    removed since, which a snapshot of the processors taken while patched can bring back (diffusers'
+    ``unfuse_qkv_projections``), runs stock attention: the UNet's own without HiDiffusion.
     """
 
     def __init__(self, state=None, index=None):
@@ -31,6 +35,8 @@ class WindowAttnProcessor:
         if self.state is None:
             raise RuntimeError("this HiDiffusion window-attention processor is not bound to a UNet (diffusers "
                                "re-created it from its class); call apply_hidiffusion on the UNet that runs it")
+        if self.state.retired:
+            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("HiDiffusion window attention is self-attention without a mask; "
                              "got encoder_hidden_states or attention_mask")

@@ -22,6 +22,7 @@ class PipelineCall:
 
     pipeline: object
     flags: dict = field(default_factory=dict)
+    denoising_end: object = None  # the call's argument (SDXL pipelines): where the run stops
 
 
 @contextlib.contextmanager
@@ -31,6 +32,7 @@ def denoising_step(unet, step: int, num_steps: int):
     For a patched UNet driven by hand, outside a pipeline call.
     """
     unet = getattr(unet, "unet", unet)
+    unet = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper: its calls reach the module itself
     for name, value in (("step", step), ("num_steps", num_steps)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"denoising_step: {name} must be an int, got {value!r}")
@@ -60,16 +62,17 @@ def current_step(unet, timestep):
             "passed to apply_hidiffusion (a pipeline made since with from_pipe needs its own apply_hidiffusion), "
             "or wrap the call in `with hidiff_models.denoising_step(unet, step, n):`"
         )
-    step, n = _pipeline_step(call.pipeline, timestep)
+    step, n = _pipeline_step(call, timestep)
     return step, n, call
 
 
-def _pipeline_step(pipe, timestep):
+def _pipeline_step(call, timestep):
     """Step index and number of steps of the pipeline's current run, from its scheduler state."""
+    pipe = call.pipeline
     scheduler = pipe.scheduler
     timesteps = scheduler.timesteps
     n = getattr(pipe, "_num_timesteps", None) or len(timesteps)
-    start = _run_start(pipe, n)
+    start = _run_start(scheduler, n, call.denoising_end)
     step_index = getattr(scheduler, "step_index", None)
     if step_index is not None:
         # step_index counts from the start of scheduler.timesteps (or from begin_index, which is then the start)
@@ -90,15 +93,18 @@ def _is_pndm(scheduler):
     return isinstance(scheduler, PNDMScheduler)
 
 
-def _run_start(pipe, n):
+def _run_start(scheduler, n, denoising_end):
     """Where the pipeline's n timesteps start in its scheduler's timesteps."""
-    begin = getattr(pipe.scheduler, "begin_index", None)
+    begin = getattr(scheduler, "begin_index", None)
     if begin is not None:
         return begin
-    if getattr(pipe, "denoising_end", None) is not None and not getattr(pipe, "denoising_start", None):
-        return 0  # SDXL base of an ensemble: the run is the head of the schedule
-    # img2img strength truncation (pipelines that set no begin_index): the run is the tail
-    return len(pipe.scheduler.timesteps) - n
+    if isinstance(denoising_end, float) and 0 < denoising_end < 1:  # what the SDXL pipelines take as valid
+        # The run ends at the last timestep >= their cutoff, whatever strength or denoising_start cut from its head.
+        total = scheduler.config.num_train_timesteps
+        cutoff = int(round(total - denoising_end * total))
+        return int((scheduler.timesteps >= cutoff).sum()) - n
+    # img2img strength truncation or denoising_start (pipelines that set no begin_index): the run is the tail
+    return len(scheduler.timesteps) - n
 
 
 def _timestep_position(timesteps, start, n, timestep):
@@ -118,12 +124,15 @@ _TRACKING_CLASSES = {}
 
 
 def tracking_class(cls):
-    """A subclass of pipeline class ``cls`` whose ``__call__`` publishes the call for its patched UNet's calls."""
+    """A subclass of pipeline class ``cls`` whose ``__call__`` publishes the call for its patched UNet's calls
+    (``cls`` a tracking class already: that class)."""
+    cls = untracked_class(cls)
     if cls not in _TRACKING_CLASSES:
 
         @functools.wraps(cls.__call__)
         def __call__(self, *args, **kwargs):
-            token = _pipeline_call.set(PipelineCall(self, pipeline_flags(self)))
+            # denoising_end comes late in every signature that has it: callers pass it by keyword
+            token = _pipeline_call.set(PipelineCall(self, pipeline_flags(self), kwargs.get("denoising_end")))
             try:
                 return cls.__call__(self, *args, **kwargs)
             finally:

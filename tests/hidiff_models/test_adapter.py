@@ -251,6 +251,20 @@ def test_remove_restores_bit_for_bit(unets, model):
     assert_same_snapshot(unet, before)
 
 
+def test_processors_brought_back_after_remove_run_stock_attention(unets):
+    # diffusers' unfuse_qkv_projections puts back the processors that fuse_qkv_projections saw: ours, here
+    unet = unets["sd15"]
+    sample, kwargs = inputs("sd15")
+    expected = run(unet, sample, kwargs)
+    apply_hidiffusion(unet, backend="torch", window_shift=1)
+    run(unet, sample, kwargs, step=9)  # the window processors record their map size
+    unet.fuse_qkv_projections()
+    remove_hidiffusion(unet)
+    unet.unfuse_qkv_projections()
+    assert sum(isinstance(p, WindowAttnProcessor) for p in unet.attn_processors.values()) == 5
+    assert torch.equal(run(unet, sample, kwargs), expected)
+
+
 def test_apply_twice_and_reapply_equal_apply_once(unets, built):
     sample, kwargs = inputs("sdxl", size=(16, 16))
 

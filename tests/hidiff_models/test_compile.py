@@ -157,19 +157,24 @@ def test_pag_composition_compiles_once():
     assert not breaks.locations and len(backend.graphs) == 1
 
 
-def test_remove_after_compile_and_no_apply_after_compile():
+def test_reapply_and_remove_after_compile_and_no_apply_after_compile():
     unet = apply_hidiffusion(build_unet("sd15", "tiny", seed=1), backend="torch", window_shift=1)
     vanilla = build_unet("sd15", "tiny", seed=1)
     compiled = torch.compile(unet, backend=CountingBackend(), fullgraph=True)
-    patched = run(compiled, unet, 0)
-    with pytest.raises(TypeError, match="apply HiDiffusion first, then compile"):
-        apply_hidiffusion(compiled, backend="torch")
+    run(compiled, compiled, 0)  # denoising_step takes the compiled UNet too
+    # compiled after apply: the compiled call is the patched one, so applying again (other settings) is fine
+    apply_hidiffusion(compiled, backend="torch", window_shift=2)
+    eager = apply_hidiffusion(build_unet("sd15", "tiny", seed=1), backend="torch", window_shift=2)
+    patched = run(compiled, compiled, 0)
+    assert relative_error(patched, run(eager, eager, 0)) < 1e-5
     hidiff_models.remove_hidiffusion(compiled)
     sample, kwargs = inputs()
     with torch.no_grad():
         expected = vanilla(sample, 500, **kwargs).sample
         assert torch.equal(compiled(sample, 500, **kwargs).sample, expected)  # the graph saw the removal
     assert not torch.equal(patched, expected)
+    with pytest.raises(TypeError, match="apply HiDiffusion first, then compile"):
+        apply_hidiffusion(compiled, backend="torch")  # removed since: refused as any compiled UNet not patched
 
 
 def test_in_place_compile_after_apply_and_not_before():

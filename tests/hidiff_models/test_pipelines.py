@@ -109,6 +109,17 @@ def test_apply_and_remove_on_pipeline(parts, schedule_log):
     assert torch.equal(generate(pipe), expected)
 
 
+def test_applying_twice_to_a_pipeline_and_remove(parts):
+    pipe = sd15_pipe(parts)
+    apply_hidiffusion(pipe, backend="torch")
+    tracking = type(pipe)
+    apply_hidiffusion(pipe, backend="torch")  # same settings
+    apply_hidiffusion(pipe, backend="torch", window_shift=2)  # other settings
+    assert type(pipe) is tracking and type(pipe).__mro__[1] is StableDiffusionPipeline
+    remove_hidiffusion(pipe)
+    assert type(pipe) is StableDiffusionPipeline
+
+
 class Interrupt(Exception):
     pass
 
@@ -343,6 +354,21 @@ def test_sdxl_base_and_refiner_ensemble_steps(parts, schedule_log, scheduler):
     refiner = apply_hidiffusion(StableDiffusionXLImg2ImgPipeline.from_pipe(base), backend="torch")
     generate(refiner, steps=10, denoising_start=0.6, image=latents, height=None, width=None)
     assert [(s, n) for s, n, _ in schedule_log] == [(s, 6) for s in range(6)] + [(s, 4) for s in range(4)]
+
+
+@pytest.mark.parametrize("scheduler", [EulerDiscreteScheduler, DDIMScheduler])
+@pytest.mark.parametrize("kwargs, n", [
+    (dict(strength=0.9, denoising_end=0.7), 6),  # 10 steps: strength keeps the last 9, the end cut the first 6 of them
+    (dict(denoising_start=0.2, denoising_end=0.7), 5),  # the middle of the schedule: 700 ... 300 of 900 ... 0
+], ids=["strength", "start"])
+def test_img2img_cut_at_both_ends(parts, schedule_log, scheduler, kwargs, n):
+    # An ensemble's middle stage: neither the head nor the tail of the scheduler's timesteps (DDIM sets no
+    # begin_index, so the run's start comes from denoising_end's cutoff).
+    pipe = StableDiffusionXLImg2ImgPipeline(**sdxl_pipe(parts).components)
+    pipe.scheduler = scheduler()
+    apply_hidiffusion(pipe, backend="torch")
+    generate(pipe, steps=10, image=torch.randn(1, 4, 8, 8), height=None, width=None, **kwargs)
+    assert [(s, m) for s, m, _ in schedule_log] == [(s, n) for s in range(n)]
 
 
 @pytest.mark.parametrize("cls, kwargs, calls_per_step", [
