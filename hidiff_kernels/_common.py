@@ -1,4 +1,5 @@
 """Shared input checks, and the rule that picks the Triton kernel or the reference implementation."""
+import contextlib
 import functools
 import math
 import os
@@ -46,6 +47,20 @@ def triton_runs_on(device: torch.device) -> bool:
             raise RuntimeError(problem)
         return True
     return device.type == "cuda"
+
+
+def check_int32_span(op: str, **tensors: torch.Tensor) -> None:
+    """The kernels widen only the batch offset to int64: one image (all dims but the first) must span fewer
+    than 2**31 elements."""
+    for name, t in tensors.items():
+        if sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) >= 2**31:
+            raise ValueError(f"{op}: one image of {name} (shape {tuple(t.shape)}, strides {t.stride()}) spans "
+                             "2**31 elements or more; the kernel indexes it with int32")
+
+
+def launch_device(t: torch.Tensor):
+    """The context to launch a kernel in: Triton launches on the current CUDA device, which must be t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def check_tensors(op: str, **tensors: torch.Tensor) -> None:

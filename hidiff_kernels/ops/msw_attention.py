@@ -5,7 +5,6 @@ A window of the map rolled by (-sh, -sw) is a rectangle of the original map that
 addresses of its window's tokens and runs flash attention (tiled, online softmax, fp32
 accumulation) over them. Nothing is rolled, partitioned, padded or masked in memory.
 """
-import contextlib
 import functools
 import math
 from typing import Optional
@@ -15,7 +14,10 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .._common import autotune_enabled, check_msw_args, check_no_grad, interpreter_enabled, triton_runs_on
+from .._common import (
+    autotune_enabled, check_int32_span, check_msw_args, check_no_grad, interpreter_enabled, launch_device,
+    triton_runs_on,
+)
 from ..build_check import KernelBuild
 
 _OP = "msw_attention"
@@ -170,9 +172,10 @@ def _launch(q, k, v, H, W, shift, scale, config=None):
     (BLOCK_M, BLOCK_N, num_warps, num_stages) if given, else the interpreter's config, the class's default
     under HIDIFF_AUTOTUNE=0, or the autotuner's pick."""
     out = _empty_output(q)
-    if any(sum((n - 1) * s for n, s in zip(t.shape[1:], t.stride()[1:])) >= 2**31 for t in (q, k, v, out)):
-        raise ValueError(f"{_OP}: one image of q/k/v spans 2**31 elements or more; the kernel indexes it with int32")
+    check_int32_span(_OP, q=q, k=k, v=v, out=out)
     B, _, heads, head_dim = q.shape
+    if B > 65535 or 4 * heads > 65535:  # CUDA's grid: y (4 windows x heads) and z (batch) stop at 65535
+        raise ValueError(f"{_OP}: batch {B} or heads {heads} too large for the kernel (at most 65535 and 16383)")
     in_memory = isinstance(shift, torch.Tensor)
     # Without a shift tensor, SHIFT is never read: any pointer fills the slot.
     sh, sw, shift_ptr = (0, 0, shift.to(torch.int64).contiguous()) if in_memory else (*shift, out)
@@ -187,7 +190,7 @@ def _launch(q, k, v, H, W, shift, scale, config=None):
         config = INTERPRETER_CONFIG
     elif config is None and not autotune_enabled():
         config = CONFIGS[config_class][0]
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+    with launch_device(q):
         if config is None:
             _tuned_kernel(config_class)[grid](*args, **consts)
         else:
@@ -200,7 +203,8 @@ def _launch(q, k, v, H, W, shift, scale, config=None):
 def _msw_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int, W: int,
                       sh: int, sw: int, shift: Optional[torch.Tensor], scale: float) -> torch.Tensor:
     """``shift``, when given, replaces (sh, sw)."""
-    shift = (sh, sw) if shift is None else shift
+    # checked again here: torch.ops.hidiff.msw_attention can be called without the wrapper below
+    (H, W), shift, scale = check_msw_args(_OP, q, k, v, (H, W), (sh, sw) if shift is None else shift, scale)
     if triton_runs_on(q.device):
         return _launch(q, k, v, H, W, shift, scale)
     return reference.msw_attention(q, k, v, (H, W), shift, scale)

@@ -16,7 +16,10 @@ import triton.language as tl
 from torch._prims_common import suggest_memory_format
 
 from .. import reference
-from .._common import autotune_enabled, check_conv_args, check_no_grad, interpreter_enabled, triton_runs_on
+from .._common import (
+    autotune_enabled, check_conv_args, check_int32_span, check_no_grad, interpreter_enabled, launch_device,
+    triton_runs_on,
+)
 from ..build_check import KernelBuild
 
 
@@ -146,10 +149,10 @@ def _output_format(x, weight):
 def _nearest_ratio(in_size, out_size, factor, device):
     """The float32 source/destination ratio of PyTorch's nearest upsample on this device.
 
-    ATen's CPU kernel copies (out == in) or halves indices (out == 2 * in) whatever the scale factor
-    said; CUDA always uses the ratio, which is 1 / scale_factor when one was given.
+    ATen's kernels copy an axis whose size stays the same, and the CPU kernel halves indices when out == 2 * in,
+    whatever the scale factor said; otherwise they use the ratio, which is 1 / scale_factor when one was given.
     """
-    if factor is None or (device.type == "cpu" and out_size in (in_size, 2 * in_size)):
+    if factor is None or out_size == in_size or (device.type == "cpu" and out_size == 2 * in_size):
         return float(np.float32(in_size) / np.float32(out_size))
     return float(np.float32(1.0 / factor))
 
@@ -161,6 +164,7 @@ def _launch(x, weight, bias, out_size, ratios, upsample, config=None):
     Co = weight.shape[0]
     Ho, Wo = out_size
     y = _alloc_output((B, Co, Ho, Wo), x, _output_format(x, weight))
+    check_int32_span("upsample_conv" if upsample else "rau_downsample_conv", x=x, out=y)
     # GEMM B operand: [3, 3, Ci, Co] contiguous, Co fastest; a small copy next to the conv itself.
     w = weight.permute(2, 3, 1, 0).contiguous()
     M = B * Ho * Wo
@@ -175,10 +179,12 @@ def _launch(x, weight, bias, out_size, ratios, upsample, config=None):
         config = INTERPRETER_CONFIG
     elif config is None and not autotune_enabled():
         config = CONFIGS[x.element_size(), flags["X_CHANNELS_LAST"]][0]
-    if config is None:
-        _conv3x3_autotuned()[grid](*args, **flags)
-    else:
-        _conv3x3_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    with launch_device(x):
+        if config is None:
+            _conv3x3_autotuned()[grid](*args, **flags)
+        else:
+            _conv3x3_kernel[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps,
+                                  num_stages=config.num_stages)
     return y
 
 

@@ -270,3 +270,24 @@ def test_bad_input_raises(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         hidiff_kernels.msw_attention(**args)
+
+
+def test_registered_op_checks_its_arguments():
+    # torch.ops.hidiff.msw_attention skips the public wrapper: its own checks stop a shift the kernel would
+    # read out of bounds with (it wraps an index once at most)
+    q = torch.randn(1, 16, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="out of range"):
+        torch.ops.hidiff.msw_attention(q, q, q, 4, 4, 9, 0, None, 0.35)
+    with pytest.raises(ValueError, match="N=16"):
+        torch.ops.hidiff.msw_attention(q, q, q, 4, 5, 0, 0, None, 0.35)
+
+
+@pytest.mark.parametrize("shape,strides,match", [
+    ((1, 4, 1, 16), (2**33, 2**30, 16, 1), "spans 2\\*\\*31"),  # token stride 2**30: the 3rd token is past int32
+    ((65536, 1, 1, 16), (16, 16, 16, 1), "batch 65536"),  # CUDA grid z
+    ((1, 1, 16384, 16), (2**18, 2**18, 16, 1), "heads 16384"),  # CUDA grid y: 4 windows x heads
+])
+def test_launcher_refuses_what_the_kernel_cannot_index(shape, strides, match):
+    q = torch.empty_strided(shape, strides, device="meta")  # no memory behind the strides
+    with pytest.raises(ValueError, match=match):
+        msw_module._launch(q, q, q, 1, shape[1], (0, 0), 0.25)

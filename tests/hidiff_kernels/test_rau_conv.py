@@ -152,7 +152,8 @@ GATHER_CASES = [  # in (H, W), size or scale_factor: odd ratios, and CPU's copy 
     ((5, 9), dict(size=(19, 23))),
     ((7, 4), dict(size=(9, 5))),
     ((4, 6), dict(size=(16, 24))),
-    ((3, 3), dict(scale_factor=1.2)),  # 3 x 3 out: CPU copies, CUDA uses the 1/1.2 ratio
+    ((3, 3), dict(scale_factor=1.2)),  # 3 x 3 out: copied, whatever the factor
+    ((2, 5), dict(scale_factor=(2.0, 1.1))),  # 4 x 5 out: the columns are copied
     ((3, 5), dict(scale_factor=2.2)),  # 6 x 11 out: CPU halves the rows
     ((5, 6), dict(scale_factor=(7 / 3, 1 / 0.3))),
     ((9, 4), dict(scale_factor=1.5)),
@@ -182,6 +183,22 @@ def test_nearest_ratio_matches_interpolate_for_many_sizes():
             ratio = np.float32(rau_conv._nearest_ratio(n, out, factor, torch.device("cpu")))
             index = np.minimum((np.arange(out, dtype=np.float32) * ratio).astype(np.int64), n - 1)
             assert np.array_equal(index, expected), (n, out, factor)
+
+
+def test_nearest_ratio_on_cuda_follows_its_kernel():
+    # ATen's CUDA kernel copies an axis whose size stays (as the CPU one does) but has no x2 special case
+    cuda = torch.device("cuda")
+    assert rau_conv._nearest_ratio(3, 3, 1.2, cuda) == 1.0
+    assert rau_conv._nearest_ratio(3, 6, 2.2, cuda) == float(np.float32(1 / 2.2))
+    assert rau_conv._nearest_ratio(3, 7, None, cuda) == float(np.float32(3) / np.float32(7))
+
+
+@pytest.mark.parametrize("upsample", [False, True])
+def test_launcher_refuses_images_past_int32(upsample):
+    x = torch.empty_strided((1, 3, 1, 4), (2**33, 2**30, 4, 1), device="meta")  # channel 2 starts at 2**31
+    w = torch.empty(2, 3, 3, 3, device="meta")
+    with pytest.raises(ValueError, match="x .* spans 2\\*\\*31"):
+        rau_conv._launch(x, w, None, (1, 4) if upsample else (1, 1), (1.0, 1.0), upsample)
 
 
 @requires_interpreter
