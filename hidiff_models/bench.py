@@ -217,9 +217,8 @@ def quiet_diffusers():
 def _sizes_for(cfg, model):
     if cfg.sizes:
         return cfg.sizes
-    family = model or "sd15"
     table = CUDA_SIZES if cfg.device == "cuda" else CPU_SIZES
-    return [(s, s) for s in table.get(family, table["sd15"])]
+    return [(s, s) for s in table[model or local_family(cfg.model_path)]]
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -230,7 +229,7 @@ def _load(cfg, model, dtype, device):
     if cfg.model_path is None:
         return build_unet(model, cfg.unet_size, seed=cfg.seed, dtype=dtype, device=device), model
     unet = load_local_unet(cfg.model_path, dtype, device)
-    return unet, model or family_of(unet)
+    return unet, model or family_of(unet.config)
 
 
 def has_weights(folder: Path) -> bool:
@@ -270,9 +269,14 @@ def torch_dtype_quiet():
         yield
 
 
-def family_of(unet) -> str:
-    """'sdxl' for a UNet with SDXL's text/time conditioning, else 'sd15' (SD1.x/2.x)."""
-    return "sdxl" if unet.config.addition_embed_type == "text_time" else "sd15"
+def family_of(unet_config) -> str:
+    """'sdxl' for a UNet config with SDXL's text/time conditioning, else 'sd15' (SD1.x/2.x)."""
+    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
+
+
+def local_family(path) -> str:
+    """family_of the UNet of a local diffusers folder, from its config alone (before loading the weights)."""
+    return family_of(json.loads((unet_folder(path) / "config.json").read_text()))
 
 
 def unet_inputs(unet, latent_hw, device, dtype, seed=0):

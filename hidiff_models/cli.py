@@ -1,10 +1,12 @@
 """The ``hidiff`` command: ``hidiff bench`` (timings) and ``hidiff generate`` (an image with a local checkpoint).
 
-Nothing is ever downloaded: the Hugging Face hub is switched to offline mode before diffusers is imported.
+Nothing is ever downloaded: every load passes local_files_only=True (main() also marks the process offline, which
+the libraries that are imported after it read).
 Errors are one line on stderr (exit status 2 for bad arguments or inputs, 1 for failures while running);
 set HIDIFF_DEBUG=1 to see the traceback instead.
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -19,14 +21,22 @@ def _offline():
         os.environ[var] = "1"
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked(convert, ok, expected):
+    """An argparse type: ``convert(text)``, refused unless ``ok(value)``."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _checked(int, lambda value: value >= 1, "a positive integer")
+_finite_float = _checked(float, math.isfinite, "a finite number")
+_seed = _checked(int, lambda value: 0 <= value < 2**63, "an integer in 0 .. 2**63 - 1 (torch's seed range)")
 
 
 def _image_size(text):
@@ -79,7 +89,7 @@ def build_parser():
     bench.add_argument("--repeats", type=_positive_int, metavar="N",
                        help="timed calls per case after one warm-up; the median is reported "
                             "(default: 5 on cuda, 3 on cpu)")
-    bench.add_argument("--seed", type=int, default=0, help="seed of the weights, inputs and window shifts (default: 0)")
+    bench.add_argument("--seed", type=_seed, default=0, help="seed of the weights, inputs and window shifts (default: 0)")
     bench.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for torch (default: torch's)")
     bench.add_argument("--no-kernels", dest="kernels", action="store_false",
                        help="time only the UNet step, not the individual ops")
@@ -101,8 +111,8 @@ def build_parser():
     gen.add_argument("--height", type=int, default=2048, help="image height in pixels, multiple of 8 (default: 2048)")
     gen.add_argument("--width", type=int, default=2048, help="image width in pixels, multiple of 8 (default: 2048)")
     gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise and window shifts (default: 0)")
+    gen.add_argument("--guidance", type=_finite_float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
+    gen.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise and window shifts (default: 0)")
     gen.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                      help="HiDiffusion ops: triton (fused kernels, CUDA), torch (reference), auto (triton on CUDA)")
     gen.add_argument("--no-raunet", dest="raunet", action="store_false", help="MSW-MSA only, without RAU-Net")
@@ -136,7 +146,7 @@ def cmd_bench(args):
     models = ["sd15", "sdxl"] if args.model_type == "all" else [args.model_type]
     if args.model:
         bench.unet_folder(args.model)
-        models = [None if args.model_type == "all" else args.model_type]
+        models = [None if args.model_type == "all" else args.model_type]  # None: detect (SDXL-Turbo by name too)
     if args.plot:
         bench.require_matplotlib()  # before the run, not after it
     cfg = bench.BenchConfig(
@@ -148,10 +158,9 @@ def cmd_bench(args):
     table = bench.CUDA_SIZES if device == "cuda" else bench.CPU_SIZES
     if cfg.sizes:
         sizes = ", ".join(f"{h}x{w}" for h, w in cfg.sizes)
-    elif args.model:
-        sizes = "its family's default (" + "; ".join(f"{m} {', '.join(map(str, s))}" for m, s in table.items()) + ")"
     else:
-        sizes = "; ".join(f"{m} {', '.join(map(str, table[m]))}" for m in models)
+        families = [m or bench.local_family(args.model) for m in models]
+        sizes = "; ".join(f"{m} {', '.join(map(str, table[m]))}" for m in families)
     print(f"hidiff bench on {device} ({dtype}): {unet}; image sizes {sizes}; steps {cfg.steps} of {cfg.num_steps}; "
           f"{cfg.repeats} repeats", file=sys.stderr)
     if device == "cpu":
@@ -248,6 +257,7 @@ def cmd_generate(args):
         if value < 8 or value % 8:
             raise UserError(f"--{name} {value}: must be a positive multiple of 8")
     check_pipeline_path(args.model)
+    out = _output_path(args.output)
     device, dtype_name = _device_and_dtype(args)
     from .bench import DTYPES, cpu_threads, quiet_diffusers
 
@@ -273,11 +283,24 @@ def cmd_generate(args):
     with torch.inference_mode():
         image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                      num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator).images[0]
-    out = os.path.abspath(args.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     image.save(out)
     print(f"saved {out} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return 0
+
+
+def _output_path(path):
+    """The absolute --output path, checked before the generation: an image file whose format PIL can write."""
+    from PIL import Image
+
+    out = os.path.abspath(path)
+    if os.path.isdir(out):
+        raise UserError(f"--output {path}: is a folder; give an image file name such as {path}/hidiff.png")
+    extension = os.path.splitext(out)[1].lower()
+    if Image.registered_extensions().get(extension) not in Image.SAVE:
+        raise UserError(f"--output {path}: PIL cannot write {extension or 'a file without an extension'}; "
+                        "use .png, .jpg or .webp")
+    return out
 
 
 def _first_line(error):

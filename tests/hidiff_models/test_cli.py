@@ -262,3 +262,21 @@ def test_bench_triton_rows_pair_with_torch_rows():
     assert len(triton) == 2 + 3  # two UNet steps, three ops
     for r in triton:
         assert r["median_ms"] > 0 and r["rel_err"] < 1e-4, r
+
+
+def test_generate_checks_output_and_numbers_before_loading(capsys, tmp_path, tiny_pipeline):
+    for output, fragment in ((tmp_path / "out.txt", "cannot write .txt"), (tmp_path, "is a folder")):
+        code, _, err = run_main(capsys, "generate", "--model", str(tiny_pipeline), "--prompt", "x", "--output",
+                                str(output), "--height", "64", "--width", "64", "--steps", "1", "--device", "cpu")
+        assert_one_line_error(code, err, "--output", fragment)  # one line: nothing was loaded or generated
+    for option, value, fragment in (("--guidance", "nan", "finite"), ("--seed", str(2**64), "2**63")):
+        code, _, err = run_main(capsys, "generate", "--model", str(tiny_pipeline), "--prompt", "x", option, value)
+        assert code == 2 and fragment in err and "Traceback" not in err  # argparse: usage line + error line
+
+
+def test_bench_sizes_of_a_local_unet_follow_its_family(tmp_path):
+    from hidiff_models.configs import build_unet
+
+    build_unet("sdxl", "tiny").save_pretrained(tmp_path / "unet")
+    cfg = bench.BenchConfig(models=[None], device="cuda", model_path=str(tmp_path / "unet"))
+    assert bench._sizes_for(cfg, None) == [(2048, 2048), (4096, 4096)]  # SDXL's, not SD1.5's 1024 and 2048
