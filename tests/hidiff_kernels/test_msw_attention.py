@@ -218,7 +218,7 @@ def test_custom_op_registration():
     """Schema, fake (meta) implementation and AOT dispatch agree with the real op."""
     q, k, v = qkv(1, 5, 4, 2, 16)
     torch.library.opcheck(torch.ops.hidiff.msw_attention.default, (q, k, v, 5, 4, 2, 1, None, 0.25))
-    torch.library.opcheck(torch.ops.hidiff.msw_attention.default, (q, k, v, 5, 4, 0, 0, torch.tensor([2, 1]), 0.25))
+    torch.library.opcheck(torch.ops.hidiff.msw_attention.default, (q, k, v, 5, 4, 0, 0, torch.tensor([2, 1], device=DEVICE), 0.25))
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
