@@ -100,6 +100,12 @@ class HiDiffusionState:
         """How many window sites run another processor than theirs (set_attn_processor, ... since apply)."""
         return sum(not _runs_window_processor(attn, processor) for attn, processor in self.window_sites)
 
+    def retire(self):
+        """Undo the patches on modules and pipelines; processors of this state brought back later by a snapshot
+        of the UNet's processors run stock attention."""
+        _undo_all(self.undo)
+        self.retired = True
+
     def __reduce_ex__(self, protocol):
         raise TypeError("a UNet with HiDiffusion applied cannot be pickled (torch.save of the module): save its "
                         "state_dict, or call remove_hidiffusion before pickling")
@@ -268,10 +274,9 @@ def remove_hidiffusion(pipe_or_unet):
         state = unet.__dict__.get(STATE_ATTR)
         if state is not None:
             with state.call_lock:  # a UNet call in progress in another thread ends first
-                _undo_all(state.undo)
+                state.retire()
                 _undo_all(state.call_tracking_undo)  # last: calls that begin meanwhile wait for the lock
                 delattr(unet, STATE_ATTR)
-                state.retired = True
         if pipe is not None:
             pipe.__class__ = steps.untracked_class(type(pipe))
     return pipe_or_unet
@@ -297,8 +302,7 @@ def _replace_state(unet, current, state):
         setattr(unet, STATE_ATTR, state)
         return
     with current.call_lock:  # a UNet call in progress ends first
-        _undo_all(current.undo)
-        current.retired = True
+        current.retire()
         state.untracked_call, state.call_tracking_undo = current.untracked_call, current.call_tracking_undo
         setattr(unet, STATE_ATTR, state)
 
