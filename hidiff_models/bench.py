@@ -2,8 +2,8 @@
 baselines, timed side by side in one run.
 
 UNet rows: one UNet call with a classifier-free-guidance batch of 2 at an early step (RAU-Net and
-MSW-MSA active) and a late step (MSW-MSA only): vanilla, ``backend="torch"`` (hidiff_kernels.reference)
-and ``backend="triton"`` (CUDA only). Op rows, at the shapes the op has in that UNet:
+MSW-MSA active) and a late step (MSW-MSA only): vanilla, ``backend="torch"`` (plain PyTorch: the reference
+convs and the window-gather MSW-MSA) and ``backend="triton"`` (CUDA only). Op rows, at the shapes the op has in that UNet:
 
 - msw: the whole ``attn1`` of the first MSW-MSA block: the original roll/partition path (the baseline),
   global attention (no windows, what the UNet runs without HiDiffusion), and the hidiff op;
@@ -11,7 +11,8 @@ and ``backend="triton"`` (CUDA only). Op rows, at the shapes the op has in that 
 - upsample-conv: ``F.interpolate`` (nearest) + ``F.conv2d`` against ``upsample_conv``, at the x4 upsample
   that follows RAD-conv.
 
-On CPU the hidiff op rows run ``hidiff_kernels.reference`` and the Triton rows are not timed: the Triton
+On CPU the hidiff op rows run the torch backend (``hidiff_kernels.reference`` for the convs, the window
+gather for msw) and the Triton rows are not timed: the Triton
 interpreter's timings say nothing about kernel performance. Timings are medians after one warm-up call
 (CUDA events on CUDA); peak memory is CUDA's peak allocation above what was allocated before the timed
 calls, n/a on CPU. ``rel_err`` is max|out - ref| / max|ref| against the row's reference: the torch backend
@@ -532,7 +533,7 @@ def format_table(result) -> str:
     lines = [f"hidiff bench: {meta['device']}{threads}, {meta['dtype']}, UNet: {meta['unet']}, "
              f"CFG batch {meta['batch']}, median of {meta['repeats']} after 1 warm-up ({meta['label']})"]
     if meta["device"].startswith("cpu"):
-        lines.append("peak memory: n/a on CPU; hidiff ops run hidiff_kernels.reference; Triton rows need CUDA")
+        lines.append("peak memory: n/a on CPU; hidiff ops run the torch backend; Triton rows need CUDA")
     header = f"  {'group':<13} {'case':<48} {'median ms':>11} {'speed-up':>9} {'peak MiB':>9} {'rel err':>9}  note"
     current = None
     for r in rows:

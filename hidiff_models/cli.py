@@ -90,7 +90,8 @@ def build_parser():
                        help="timed calls per case after one warm-up; the median is reported "
                             "(default: 5 on cuda, 3 on cpu)")
     bench.add_argument("--seed", type=_seed, default=0, help="seed of the weights, inputs and window shifts (default: 0)")
-    bench.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for torch (default: torch's)")
+    bench.add_argument("--threads", type=_positive_int, metavar="N",
+                       help="CPU threads for torch (default: torch's; 1 when other work keeps every core busy)")
     bench.add_argument("--no-kernels", dest="kernels", action="store_false",
                        help="time only the UNet step, not the individual ops")
     bench.add_argument("--json", metavar="PATH", default=None,
@@ -114,10 +115,11 @@ def build_parser():
     gen.add_argument("--guidance", type=_finite_float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     gen.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise and window shifts (default: 0)")
     gen.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
-                     help="HiDiffusion ops: triton (fused kernels, CUDA), torch (reference), auto (triton on CUDA)")
+                     help="HiDiffusion ops: triton (fused kernels, CUDA), torch (plain PyTorch), auto (triton on CUDA)")
     gen.add_argument("--no-raunet", dest="raunet", action="store_false", help="MSW-MSA only, without RAU-Net")
     gen.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    gen.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for torch (default: torch's)")
+    gen.add_argument("--threads", type=_positive_int, metavar="N",
+                     help="CPU threads for torch (default: torch's; 1 when other work keeps every core busy)")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
     gen.add_argument("--output", default="hidiff.png", metavar="PNG",
                      help="where to save the image (default: hidiff.png)")
@@ -185,8 +187,8 @@ def check_pipeline_path(path):
     if not p.exists():
         raise UserError(f"--model {path}: no such file or folder")
     if p.is_file():
-        if p.suffix not in (".safetensors", ".ckpt"):
-            raise UserError(f"--model {path}: expected a diffusers folder or a .safetensors/.ckpt file")
+        if p.suffix not in (".safetensors",):
+            raise UserError(f"--model {path}: expected a diffusers folder or a .safetensors file")
         if p.suffix == ".safetensors":
             _checkpoint_keys(p)
         return p

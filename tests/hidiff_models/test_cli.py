@@ -90,6 +90,12 @@ def test_generate_rejects_bad_files_and_sizes(capsys, tmp_path):
     code, _, err = run_main(capsys, "generate", "--model", str(bogus), "--prompt", "x")
     assert_one_line_error(code, err, "safetensors")
 
+    # .ckpt pickles are refused up front (from_single_file would load one as SD1.5 even when it is SDXL)
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"pickle")
+    code, _, err = run_main(capsys, "generate", "--model", str(ckpt), "--prompt", "x")
+    assert_one_line_error(code, err, "expected a diffusers folder or a .safetensors file")
+
     code, _, err = run_main(capsys, "generate", "--model", str(tmp_path), "--prompt", "x", "--height", "1001")
     assert_one_line_error(code, err, "--height")
 
