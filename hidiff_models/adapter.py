@@ -220,7 +220,7 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     MSW-MSA) or "auto" (Triton for CUDA tensors). window_shift: None draws the window phase k in {0..3} per
     block call from the adapter's own generator (seeded by ``generator``, an int or a torch.Generator,
     restarted for every pipeline call); an int pins k. model_type: "sd15" (also SD2.x), "sdxl",
-    "sdxl_turbo", or None to detect.
+    "sdxl_turbo", or None to detect (SDXL-Turbo only by "turbo" in the pipeline's or UNet's name or path).
 
     Pipelines may share the UNet (``from_pipe``) and call it from several threads. Applying to a UNet already
     patched with the same settings only adds the pipeline; other settings patch the UNet anew, for every

@@ -60,7 +60,7 @@ def test_matches_reference(B, H, W, heads, head_dim, dtype, tol):
 @pytest.mark.parametrize("B,H,W,heads,head_dim", [(1, 5, 7, 2, 40), (1, 9, 6, 1, 64), (1, 1, 11, 1, 128)])
 def test_bf16_matches_reference(B, H, W, heads, head_dim):
     q, k, v = qkv(B, H, W, heads, head_dim, torch.bfloat16)
-    for shift in shifts(H, W)[:3]:
+    for shift in ((0, 0), (H - 1, W // 3), (H // 2, W - 1)):  # shifts along both axes
         out = hidiff_kernels.msw_attention(q, k, v, (H, W), shift)
         assert out.dtype == torch.bfloat16
         assert relative_error(out, expected(q, k, v, (H, W), shift)) < 1e-2
@@ -160,13 +160,15 @@ def test_deterministic():
     assert torch.equal(first, hidiff_kernels.msw_attention(q, k, v, (9, 6), (1, 1)))
 
 
+@requires_interpreter
 def test_torch_compile_fullgraph():
-    """One opaque op for torch.compile (interpreted kernel under TRITON_INTERPRET=1, else the reference)."""
+    """One opaque op for torch.compile, the kernel inside it."""
     q, k, v = qkv(1, 5, 4, 2, 16)
     compiled = torch.compile(lambda q, k, v: hidiff_kernels.msw_attention(q, k, v, (5, 4), (2, 1)), fullgraph=True)
     assert relative_error(compiled(q, k, v), expected(q, k, v, (5, 4), (2, 1))) < 1e-5
 
 
+@requires_interpreter
 def test_torch_compile_symbolic_shift():
     """A shift that is a symbolic int under compile reaches the op without specializing the graph: one graph for
     every shift, each result right."""
@@ -190,6 +192,7 @@ def test_torch_compile_symbolic_shift():
     torch._dynamo.reset()
 
 
+@requires_interpreter
 @pytest.mark.parametrize("shift_dtype", [torch.int64, torch.int32])
 def test_shift_tensor(shift_dtype):
     """A shift given as a tensor (how the adapter passes random window phases) is read on the device modulo the
@@ -214,6 +217,7 @@ def test_shift_tensor(shift_dtype):
     torch._dynamo.reset()
 
 
+@requires_interpreter
 def test_custom_op_registration():
     """Schema, fake (meta) implementation and AOT dispatch agree with the real op."""
     q, k, v = qkv(1, 5, 4, 2, 16)
@@ -255,7 +259,7 @@ def test_inputs_requiring_grad_raise():
 @pytest.mark.parametrize(
     "change,error,match",
     [
-        (dict(q=torch.randn(1, 12, 16)), ValueError, "shape"),
+        (dict(q=torch.randn(1, 12, 16)), ValueError, r"q must be \[B, N, heads, head_dim\]"),
         (dict(size=(4, 4)), ValueError, "N=12"),
         (dict(shift=(0, 4)), ValueError, "shift"),
         (dict(v=torch.randn(1, 12, 2, 8, dtype=torch.bfloat16)), TypeError, "dtype"),

@@ -1,7 +1,8 @@
 """Property-based tests: random valid arguments match the reference, random invalid ones are refused clearly.
 
-Valid draws run the public ops (the Triton kernels under TRITON_INTERPRET=1, the reference fallback
-without it) on tiny random shapes, layouts and arguments and compare with ``hidiff_kernels.reference``.
+Valid draws run the public ops' Triton kernels (on CPU under TRITON_INTERPRET=1; skipped without it, where
+the ops would run the reference itself) on tiny random shapes, layouts and arguments and compare with
+``hidiff_kernels.reference``.
 Invalid draws take a valid call, break one thing, and expect a ValueError/TypeError whose message names
 the problem, from the op and its reference twin alike (never an IndexError or RuntimeError from deep inside
 torch or Triton, and never a silent result).
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 import hidiff_kernels
 from hidiff_kernels import reference
 
-from conftest import relative_error
+from conftest import relative_error, requires_interpreter
 
 # Interpreted kernels are slow: few, tiny examples; derandomized so CI replays the same ones.
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
@@ -65,6 +66,7 @@ def msw_args(draw):
     return dict(q=q, k=k, v=v, size=size, shift=shift, scale=scale)
 
 
+@requires_interpreter
 @valid_settings
 @given(args=msw_args())
 @torch.no_grad()
@@ -198,6 +200,7 @@ def upsample_args(draw):
     return args
 
 
+@requires_interpreter
 @valid_settings
 @given(args=conv_args())
 @torch.no_grad()
@@ -210,6 +213,7 @@ def test_rau_downsample_conv_matches_reference(args):
     assert relative_error(out, expected) < 1e-5
 
 
+@requires_interpreter
 @valid_settings
 @given(args=upsample_args())
 @torch.no_grad()

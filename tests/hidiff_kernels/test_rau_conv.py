@@ -244,7 +244,7 @@ BAD_INPUTS = [  # op, change to valid arguments, error, message
     ("up", dict(size=(16, 16), scale_factor=2), ValueError, "exactly one"),
     ("up", dict(size=(0, 16)), ValueError, "positive"),
     ("up", dict(size=-3), ValueError, "positive"),
-    ("up", dict(size=(2.5, 16)), TypeError, "size"),
+    ("up", dict(size=(2.5, 16)), TypeError, "size must be a pair of ints"),
     ("up", dict(scale_factor=0.0), ValueError, "positive"),
     ("up", dict(scale_factor=float("inf")), ValueError, "finite"),
     ("up", dict(scale_factor="2"), TypeError, "scale_factor"),

@@ -63,7 +63,7 @@ def test_msw_reference_accepts_strided_views():
 @pytest.mark.parametrize(
     "change,error,match",
     [
-        (dict(q=torch.randn(2, 12, 16)), ValueError, "shape"),
+        (dict(q=torch.randn(2, 12, 16)), ValueError, r"q must be \[B, N, heads, head_dim\]"),
         (dict(size=(3, 5)), ValueError, "N=12"),
         (dict(shift=(3, 0)), ValueError, "shift"),
         (dict(shift=(0, -1)), ValueError, "shift"),

@@ -13,7 +13,10 @@ from diffusers.models.attention_processor import (
 )
 
 import hidiff_models.adapter as adapter
+import hidiff_models.raunet as raunet
 from hidiff_kernels import reference
+from hidiff_kernels.ops import msw_attention as msw_module
+from hidiff_kernels.ops import rau_conv as rau_module
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 from hidiff_models.configs import POOLED_TEXT_DIM, build_unet
 from hidiff_models.processors import PAG_CHUNKS, WindowAttnProcessor
@@ -75,8 +78,10 @@ def module(unet, name):
 
 
 def snapshot(unet):
-    """Everything apply may touch, to compare after remove or a refused apply."""
+    """Everything apply may touch, to compare after remove or a refused apply, and the UNet's output."""
+    sample, kwargs = inputs("sdxl" if unet.config.addition_embed_type == "text_time" else "sd15", size=(16, 24))
     return dict(
+        output=run(unet, sample, kwargs),
         state={k: v.clone() for k, v in unet.state_dict().items()},
         processors=dict(unet.attn_processors),
         hooks=[(name, len(m._forward_hooks), len(m._forward_pre_hooks), "forward" in m.__dict__,
@@ -96,6 +101,19 @@ def assert_same_snapshot(unet, before):
     assert all(after["processors"][k] is v for k, v in before["processors"].items())
     for key in ("hooks", "num_upsamplers", "cls", "attrs"):
         assert after[key] == before[key], key
+    assert torch.equal(after["output"], before["output"])
+
+
+def count_kernel_launches(monkeypatch):
+    """{"msw": n, "conv": n}: the Triton kernel launches from now on (a backend that quietly ran the torch
+    path would launch none)."""
+    launches = {"msw": 0, "conv": 0}
+    for name, kernels in (("msw", msw_module), ("conv", rau_module)):
+        def counted(*args, _name=name, _launch=kernels._launch, **kwargs):
+            launches[_name] += 1
+            return _launch(*args, **kwargs)
+        monkeypatch.setattr(kernels, "_launch", counted)
+    return launches
 
 
 class PartitionReference:
@@ -126,12 +144,14 @@ class PartitionReference:
     ("sdxl", (9, 6), 3, (3, 0)),
 ])
 @pytest.mark.parametrize("drawn", [False, True], ids=["pinned", "drawn"])
-def test_window_attention_matches_partition_reference(unets, monkeypatch, model, size, phase, shift, drawn):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+def test_window_attention_matches_partition_reference(unets, monkeypatch, model, size, phase, shift, drawn, backend):
     unet = unets[model]
     reference = module(copy.deepcopy(unet), WINDOW_TRANSFORMER[model])
     for block in reference.transformer_blocks:
         block.attn1.set_processor(PartitionReference(size, shift))
-    apply_hidiffusion(unet, backend="torch", apply_raunet=False, window_shift=None if drawn else phase)
+    apply_hidiffusion(unet, backend=backend, apply_raunet=False, window_shift=None if drawn else phase)
+    launches = count_kernel_launches(monkeypatch)
     patched = module(unet, WINDOW_TRANSFORMER[model])
     x = torch.randn(2, patched.config.in_channels, *size)
     context = torch.randn(2, 7, 32)
@@ -142,6 +162,7 @@ def test_window_attention_matches_partition_reference(unets, monkeypatch, model,
         expected = reference(x, encoder_hidden_states=context).sample
         got = patched(x, encoder_hidden_states=context).sample
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert launches["msw"] == (len(reference.transformer_blocks) if backend == "triton" else 0)
 
 
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
@@ -386,9 +407,33 @@ def test_triton_without_interpreter_on_cpu_is_refused(unets, monkeypatch):
 def test_refused_reapply_keeps_the_previous_patch(unets):
     unet = apply_hidiffusion(unets["sd15"], backend="torch", window_shift=1)
     state = unet._hidiffusion
-    with pytest.raises(ValueError):
+    sample, kwargs = inputs("sd15")
+    before = [run(unet, sample, kwargs, step=s) for s in (0, 9)]
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
         apply_hidiffusion(unet, backend="nope")
     assert unet._hidiffusion is state and state.undo
+    assert all(torch.equal(run(unet, sample, kwargs, step=s), out) for s, out in zip((0, 9), before))
+
+
+def test_failure_in_the_middle_of_the_install_undoes_it(unets, monkeypatch):
+    """An unexpected error part-way through patching (here at the second of SD1.5's three upsamplers, after
+    the window processors, RAD-conv and the rest) leaves the UNet as it was."""
+    unet = unets["sd15"]
+    before = snapshot(unet)
+    install = raunet.install_fused_upsample
+    installed = []
+
+    def fails_the_second_time(module, state):
+        if installed:
+            raise RuntimeError("install failed")
+        installed.append(module)
+        return install(module, state)
+
+    monkeypatch.setattr(raunet, "install_fused_upsample", fails_the_second_time)
+    with pytest.raises(RuntimeError, match="install failed"):
+        apply_hidiffusion(unet, backend="torch")
+    assert installed
+    assert_same_snapshot(unet, before)
 
 
 def test_random_window_shift_uses_own_generator(unets, built):
@@ -409,7 +454,7 @@ def test_unet_call_without_step_source_is_refused(unets):
     sample, kwargs = inputs("sd15")
     with pytest.raises(RuntimeError, match="denoising_step"), torch.no_grad():
         unet(sample, 500, **kwargs)
-    with pytest.raises(ValueError, match="step"):
+    with pytest.raises(ValueError, match="0 <= step < num_steps"):
         with denoising_step(unet, 10, 10):
             pass
 
@@ -466,8 +511,9 @@ def test_pag_at_window_sites_composes_with_msw(unets, model, pag):
     ("sd21", torch.contiguous_format),  # linear projections, 2 heads in the top blocks
     ("sdxl", torch.contiguous_format),
 ])
-def test_triton_backend_matches_torch_backend(built, model, memory_format):
+def test_triton_backend_matches_torch_backend(built, monkeypatch, model, memory_format):
     sample, kwargs = inputs(model, size=(8, 12))  # the interpreter is slow: small maps
+    launches = count_kernel_launches(monkeypatch)
     outputs = {}
     for backend in ("triton", "torch"):
         unet = copy.deepcopy(built[model])
@@ -476,5 +522,9 @@ def test_triton_backend_matches_torch_backend(built, model, memory_format):
         apply_hidiffusion(unet, backend=backend, generator=3)
         x = sample.to(memory_format=memory_format) if backend == "triton" else sample
         outputs[backend] = [run(unet, x, kwargs, step=s) for s in (0, 1)]
+        if backend == "triton":  # RAD-conv and the fused upsamplers at step 0, MSW-MSA at both steps
+            assert launches["msw"] > 0 and launches["conv"] > 0, launches
+            triton_launches = dict(launches)
+    assert launches == triton_launches  # none by the torch backend
     for got, expected in zip(outputs["triton"], outputs["torch"]):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
