@@ -449,6 +449,28 @@ def test_random_window_shift_uses_own_generator(unets, built):
     assert not torch.equal(run(other_seed, sample, kwargs), first)
 
 
+def test_nested_denoising_steps_the_innermost_wins(unets):
+    unet = apply_hidiffusion(unets["sd15"], backend="torch", apply_window_attn=False)
+    sample, kwargs = inputs("sd15")
+    late = run(unet, sample, kwargs, step=9)  # RAU-Net inactive
+    with torch.no_grad(), denoising_step(unet, 0, 10):  # RAD-conv active
+        outer = unet(sample, 500, **kwargs).sample
+        with denoising_step(unet, 9, 10):
+            inner = unet(sample, 500, **kwargs).sample
+    assert not torch.equal(outer, late)
+    assert torch.equal(inner, late)
+
+
+def test_rad_conv_on_a_latent_divisible_by_a_large_power_of_two(unets):
+    """diffusers passes the skip connection's size to the upsamplers only when 2**num_upsamplers does not divide
+    the latent; RAU-Net needs it always (x4 after RAD-conv), hence the large num_upsamplers while patched."""
+    unet = apply_hidiffusion(unets["sdxl"], backend="torch", apply_window_attn=False)
+    assert 2 ** unet.num_upsamplers > 2048  # latents of images up to 16384 px
+    sample, kwargs = inputs("sdxl", size=(64, 64))  # 2**(2 + 4) divides it
+    out = run(unet, sample, kwargs, step=0)
+    assert out.shape == sample.shape and torch.isfinite(out).all()
+
+
 def test_unet_call_without_step_source_is_refused(unets):
     unet = apply_hidiffusion(unets["sd15"], backend="torch")
     sample, kwargs = inputs("sd15")
