@@ -18,7 +18,7 @@ from hidiff_kernels import reference
 from hidiff_kernels.ops import msw_attention as msw_module
 from hidiff_kernels.ops import rau_conv as rau_module
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
-from hidiff_models.configs import POOLED_TEXT_DIM, build_unet
+from hidiff_models.configs import POOLED_TEXT_DIM, build_unet, seed_weights, unet_config
 from hidiff_models.processors import PAG_CHUNKS, WindowAttnProcessor
 from hidiff_models.schedule import ActiveOps
 
@@ -550,3 +550,64 @@ def test_triton_backend_matches_torch_backend(built, monkeypatch, model, memory_
     assert launches == triton_launches  # none by the torch backend
     for got, expected in zip(outputs["triton"], outputs["torch"]):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_pag_processor_is_not_put_back_once_pag_has_ended(unets):
+    unet = apply_hidiffusion(unets["sd15"], backend="torch", window_shift=1)
+    sample, kwargs = inputs("sd15", batch=2)
+    attn, ours = unet._hidiffusion.window_sites[0]
+    attn.processor = PAGIdentitySelfAttnProcessor2_0()  # during a PAG pipeline's call
+    run(unet, sample, kwargs)
+    attn.processor = ours  # PAG's call ends: it puts back what it found
+    run(unet, sample[:1], batch_rows(kwargs, slice(0, 1)))  # a plain call
+    assert attn.processor is ours
+
+
+def test_reapply_with_another_window_shift_equals_a_fresh_apply(unets, built):
+    sample, kwargs = inputs("sd15")
+    unet = apply_hidiffusion(unets["sd15"], backend="torch", window_shift=1)
+    apply_hidiffusion(unet, backend="torch", window_shift=2)
+    fresh = apply_hidiffusion(copy.deepcopy(built["sd15"]), backend="torch", window_shift=2)
+    assert torch.equal(run(unet, sample, kwargs, step=9), run(fresh, sample, kwargs, step=9))
+
+
+@requires_interpreter
+def test_reapply_with_another_backend_switches_to_it(unets, monkeypatch):
+    unet = apply_hidiffusion(unets["sd15"], backend="torch", window_shift=1)
+    apply_hidiffusion(unet, backend="triton", window_shift=1)
+    launches = count_kernel_launches(monkeypatch)
+    run(unet, *inputs("sd15", size=(8, 8)), step=9)
+    assert launches["msw"] > 0
+
+
+def test_same_settings_reapply_restarts_the_window_phases_of_bare_calls(unets):
+    sample, kwargs = inputs("sd15")
+    unet = apply_hidiffusion(unets["sd15"], backend="torch", generator=5, apply_raunet=False)
+    first = run(unet, sample, kwargs)
+    apply_hidiffusion(unet, backend="torch", generator=5, apply_raunet=False)
+    assert torch.equal(run(unet, sample, kwargs), first)
+
+
+@pytest.mark.parametrize("variant", ["inpainting", "playground", "turbo"])
+def test_sdxl_variants_skip_the_aggressive_mode(monkeypatch, variant):
+    """SDXL at 16x16 latents (the sdxl_2048 profile), step 0 of 10: aggressive RAD-conv without pooling, except
+    for inpainting UNets, Playground and SDXL-Turbo (here given explicitly), which pool instead."""
+    seen = []
+    real = adapter.active_ops
+
+    def logged(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(adapter, "active_ops", logged)
+    config = unet_config("sdxl", "tiny")
+    if variant == "inpainting":
+        config["in_channels"] = 9
+    unet = seed_weights(UNet2DConditionModel(**config), 1).eval()
+    if variant == "playground":
+        unet.register_to_config(_name_or_path="playgroundai/playground-v2.5-1024px-aesthetic")
+    apply_hidiffusion(unet, backend="torch", apply_window_attn=False,
+                      model_type="sdxl_turbo" if variant == "turbo" else None)
+    _, kwargs = inputs("sdxl", size=(16, 16))
+    run(unet, torch.randn(1, unet.config.in_channels, 16, 16), kwargs, step=0)
+    assert seen == [ActiveOps(rad_conv=False, rad_pool=True)]

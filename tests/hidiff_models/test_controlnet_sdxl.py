@@ -315,3 +315,21 @@ def test_deepcopy_of_the_unet_alone_leaves_the_controlnet_behind():
     assert "forward" in pipe.controlnet.__dict__
     remove_hidiffusion(pipe)
     assert "forward" not in pipe.controlnet.__dict__
+
+
+def test_skipped_multicontrolnet_returns_a_tuple_as_its_forward_does(small_base):
+    # MultiControlNetModel.forward returns a tuple whatever return_dict says
+    pipe = apply(tiny.build_pipeline(multi=True))
+    inputs = dict(direct_inputs(pipe), controlnet_cond=[tiny.control_image().repeat(2, 1, 1, 1)] * 2,
+                  conditioning_scale=[1.0, 1.0])
+    with torch.no_grad(), denoising_step(pipe, step=2, num_steps=3):
+        skipped = pipe.controlnet(**inputs)
+    assert type(skipped) is tuple and skipped[1] is cn.NO_RESIDUAL
+
+
+def test_sdxl_turbo_gets_the_controlnet_schedule(small_base):
+    pipe = apply(tiny.build_pipeline(), model_type="sdxl_turbo")
+    spy = Spy(pipe)
+    tiny.generate(pipe, "text2img", num_inference_steps=3)
+    assert spy.controlnet == [(0, (2, 4, 16, 8), (2, 3, 128, 64))] * 2
+    assert [s is None for s in spy.unet] == [False, False, True]

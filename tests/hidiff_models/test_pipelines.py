@@ -585,3 +585,17 @@ def test_pag_on_window_blocks_keeps_msw_attention(parts, monkeypatch, guidance_s
     assert composed == [(chunks, chunks)] * 4 * 3  # 4 steps x up_blocks.3's 3 window blocks
     assert all(pipe.unet.attn_processors[name] is p for name, p in ours.items())  # as PAG puts them back
     assert torch.equal(generate(pipe, pag_scale=3.0, guidance_scale=guidance_scale), image)
+
+
+def test_pipeline_call_leaves_the_global_rng_alone(parts):
+    pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch")  # window phases drawn
+    rng = torch.get_rng_state()
+    generate(pipe)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_reapply_with_another_seed_takes_it(parts):
+    pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch", generator=1)
+    apply_hidiffusion(pipe, backend="torch", generator=2)
+    fresh = apply_hidiffusion(sd15_pipe(parts), backend="torch", generator=2)
+    assert torch.equal(generate(pipe), generate(fresh))
