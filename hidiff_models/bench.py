@@ -3,7 +3,8 @@ baselines, timed side by side in one run.
 
 UNet rows: one UNet call with a classifier-free-guidance batch of 2 at an early step (RAU-Net and
 MSW-MSA active) and a late step (MSW-MSA only): vanilla, ``backend="torch"`` (plain PyTorch: the reference
-convs and the window-gather MSW-MSA) and ``backend="triton"`` (CUDA only). Op rows, at the shapes the op has in that UNet:
+convs and the window-gather MSW-MSA) and ``backend="triton"`` (CUDA only). Op rows, at the shapes the op has
+in that UNet:
 
 - msw: the whole ``attn1`` of the first MSW-MSA block: the original roll/partition path (the baseline),
   global attention (no windows, what the UNet runs without HiDiffusion), and the hidiff op;
@@ -12,10 +13,9 @@ convs and the window-gather MSW-MSA) and ``backend="triton"`` (CUDA only). Op ro
   that follows RAD-conv.
 
 On CPU the hidiff op rows run the torch backend (``hidiff_kernels.reference`` for the convs, the window
-gather for msw) and the Triton rows are not timed: the Triton
-interpreter's timings say nothing about kernel performance. Timings are medians after one warm-up call
-(CUDA events on CUDA); peak memory is CUDA's peak allocation above what was allocated before the timed
-calls, n/a on CPU. ``rel_err`` is max|out - ref| / max|ref| against the row's reference: the torch backend
+gather for msw) and the Triton rows are not timed: the Triton interpreter's timings say nothing about kernel
+performance. Timings are medians after one warm-up call (CUDA events on CUDA); peak memory is CUDA's peak
+allocation above what was allocated before the timed calls, n/a on CPU. ``rel_err`` is max|out - ref| / max|ref| against the row's reference: the torch backend
 for the Triton UNet rows (same seed, so the same window shifts), the original path or plain PyTorch
 composition for the op rows.
 """

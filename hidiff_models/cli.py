@@ -187,10 +187,9 @@ def check_pipeline_path(path):
     if not p.exists():
         raise UserError(f"--model {path}: no such file or folder")
     if p.is_file():
-        if p.suffix not in (".safetensors",):
+        if p.suffix != ".safetensors":
             raise UserError(f"--model {path}: expected a diffusers folder or a .safetensors file")
-        if p.suffix == ".safetensors":
-            _checkpoint_keys(p)
+        _checkpoint_keys(p)
         return p
     if not (p / "model_index.json").is_file():
         hint = " (a UNet folder: hidiff bench --model takes it, generate needs the whole pipeline)" \
@@ -240,7 +239,7 @@ def _load_single_file(p, dtype):
     from .bench import torch_dtype_quiet
 
     cls = StableDiffusionPipeline
-    if p.suffix == ".safetensors" and any(k.startswith("conditioner.") for k in _checkpoint_keys(p)):
+    if any(k.startswith("conditioner.") for k in _checkpoint_keys(p)):
         cls = StableDiffusionXLPipeline
     try:
         with torch_dtype_quiet():
