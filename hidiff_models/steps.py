@@ -8,6 +8,7 @@ any torch.compile'd forward).
 import contextlib
 import contextvars
 import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -128,11 +129,15 @@ def tracking_class(cls):
     (``cls`` a tracking class already: that class)."""
     cls = untracked_class(cls)
     if cls not in _TRACKING_CLASSES:
+        signature = inspect.signature(cls.__call__)
 
         @functools.wraps(cls.__call__)
         def __call__(self, *args, **kwargs):
-            # denoising_end comes late in every signature that has it: callers pass it by keyword
-            token = _pipeline_call.set(PipelineCall(self, pipeline_flags(self), kwargs.get("denoising_end")))
+            try:  # denoising_end by keyword or by position
+                denoising_end = signature.bind_partial(self, *args, **kwargs).arguments.get("denoising_end")
+            except TypeError:  # arguments the pipeline's own call refuses, with its own message
+                denoising_end = None
+            token = _pipeline_call.set(PipelineCall(self, pipeline_flags(self), denoising_end))
             try:
                 return cls.__call__(self, *args, **kwargs)
             finally:

@@ -1,5 +1,6 @@
 """apply_hidiffusion on tiny real diffusers pipelines, built offline: step derivation, sharing, variants."""
 import copy
+import inspect
 import json
 import sys
 import warnings
@@ -354,6 +355,18 @@ def test_sdxl_base_and_refiner_ensemble_steps(parts, schedule_log, scheduler):
     refiner = apply_hidiffusion(StableDiffusionXLImg2ImgPipeline.from_pipe(base), backend="torch")
     generate(refiner, steps=10, denoising_start=0.6, image=latents, height=None, width=None)
     assert [(s, n) for s, n, _ in schedule_log] == [(s, 6) for s in range(6)] + [(s, 4) for s in range(4)]
+
+
+def test_denoising_end_passed_by_position(parts, schedule_log):
+    base = sdxl_pipe(parts)
+    base.scheduler = DDIMScheduler()  # no begin_index: the run's start comes from denoising_end's cutoff
+    apply_hidiffusion(base, backend="torch")
+    parameters = list(inspect.signature(StableDiffusionXLPipeline.__call__).parameters.values())[1:]
+    values = dict(prompt=PROMPT, height=64, width=64, num_inference_steps=10, denoising_end=0.6)
+    names = [p.name for p in parameters]
+    args = [values.get(p.name, p.default) for p in parameters[:names.index("denoising_end") + 1]]
+    base(*args, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert [(s, n) for s, n, _ in schedule_log] == [(s, 6) for s in range(6)]
 
 
 @pytest.mark.parametrize("scheduler", [EulerDiscreteScheduler, DDIMScheduler])
