@@ -15,9 +15,9 @@ in that UNet:
 On CPU the hidiff op rows run the torch backend (``hidiff_kernels.reference`` for the convs, the window
 gather for msw) and the Triton rows are not timed: the Triton interpreter's timings say nothing about kernel
 performance. Timings are medians after one warm-up call (CUDA events on CUDA); peak memory is CUDA's peak
-allocation above what was allocated before the timed calls, n/a on CPU. ``rel_err`` is max|out - ref| / max|ref| against the row's reference: the torch backend
-for the Triton UNet rows (same seed, so the same window shifts), the original path or plain PyTorch
-composition for the op rows.
+allocation above what was allocated before the timed calls, n/a on CPU. ``rel_err`` is max|out - ref| /
+max|ref| against the row's reference: the torch backend for the Triton UNet rows (same seed, so the same
+window shifts), the original path or plain PyTorch composition for the op rows.
 """
 from __future__ import annotations
 
