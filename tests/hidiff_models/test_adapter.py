@@ -159,8 +159,9 @@ def test_window_attention_matches_partition_reference(unets, monkeypatch, model,
         monkeypatch.setattr(torch, "randint", lambda high, size, generator: torch.full(size, phase))
         unet._hidiffusion.before_unet(unet, (x,), {})
     with torch.no_grad():
-        expected = reference(x, encoder_hidden_states=context).sample
-        got = patched(x, encoder_hidden_states=context).sample
+        # return_dict=False: the output class a Transformer2DModel returns by default is deprecated in diffusers
+        expected = reference(x, encoder_hidden_states=context, return_dict=False)[0]
+        got = patched(x, encoder_hidden_states=context, return_dict=False)[0]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert launches["msw"] == (len(reference.transformer_blocks) if backend == "triton" else 0)
 
