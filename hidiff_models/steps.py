@@ -72,8 +72,7 @@ def _pipeline_step(call, timestep):
     pipe = call.pipeline
     scheduler = pipe.scheduler
     timesteps = scheduler.timesteps
-    n = getattr(pipe, "_num_timesteps", None) or len(timesteps)
-    start = _run_start(scheduler, n, call.denoising_end)
+    start, n = _run_span(scheduler, getattr(pipe, "_num_timesteps", None), call.denoising_end)
     step_index = getattr(scheduler, "step_index", None)
     if step_index is not None:
         # step_index counts from the start of scheduler.timesteps (or from begin_index, which is then the start)
@@ -94,18 +93,26 @@ def _is_pndm(scheduler):
     return isinstance(scheduler, PNDMScheduler)
 
 
-def _run_start(scheduler, n, denoising_end):
-    """Where the pipeline's n timesteps start in its scheduler's timesteps."""
-    begin = getattr(scheduler, "begin_index", None)
-    if begin is not None:
-        return begin
+def _run_span(scheduler, n, denoising_end):
+    """(start, n): where the pipeline's run starts in its scheduler's timesteps and how many steps it runs.
+
+    ``n`` is the pipeline's ``_num_timesteps``, or None for pipelines that do not publish it (SDXL
+    InstructPix2Pix, unCLIP, T2I-Adapter): those run from begin_index (or the first timestep) to the end.
+    """
+    timesteps = scheduler.timesteps
+    end = len(timesteps)
     if isinstance(denoising_end, float) and 0 < denoising_end < 1:  # what the SDXL pipelines take as valid
         # The run ends at the last timestep >= their cutoff, whatever strength or denoising_start cut from its head.
         total = scheduler.config.num_train_timesteps
-        cutoff = int(round(total - denoising_end * total))
-        return int((scheduler.timesteps >= cutoff).sum()) - n
-    # img2img strength truncation or denoising_start (pipelines that set no begin_index): the run is the tail
-    return len(scheduler.timesteps) - n
+        end = int((timesteps >= int(round(total - denoising_end * total))).sum())
+    begin = getattr(scheduler, "begin_index", None)
+    if n is None:
+        start = begin or 0
+        return start, end - start
+    if begin is not None:
+        return begin, n
+    # img2img strength truncation or denoising_start (pipelines that set no begin_index): the run ends at `end`
+    return end - n, n
 
 
 def _timestep_position(timesteps, start, n, timestep):

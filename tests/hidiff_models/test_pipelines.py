@@ -16,8 +16,8 @@ from diffusers import (
     AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
     StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
     StableDiffusionAdapterPipeline, StableDiffusionPAGPipeline, StableDiffusionPanoramaPipeline,
-    StableDiffusionPipeline, StableDiffusionSAGPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, T2IAdapter,
-    UNet2DConditionModel,
+    StableDiffusionPipeline, StableDiffusionSAGPipeline, StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInstructPix2PixPipeline, StableDiffusionXLPipeline, T2IAdapter, UNet2DConditionModel,
 )
 from transformers import (
     CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
@@ -374,6 +374,19 @@ def test_denoising_end_passed_by_position(parts, schedule_log):
     names = [p.name for p in parameters]
     args = [values.get(p.name, p.default) for p in parameters[:names.index("denoising_end") + 1]]
     base(*args, output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert [(s, n) for s, n, _ in schedule_log] == [(s, 6) for s in range(6)]
+
+
+@pytest.mark.parametrize("scheduler", [EulerDiscreteScheduler, DDIMScheduler])
+def test_denoising_end_in_a_pipeline_without_num_timesteps(parts, schedule_log, scheduler):
+    # SDXL InstructPix2Pix publishes no _num_timesteps: n comes from denoising_end's cutoff, not the full schedule.
+    unet = seed_weights(UNet2DConditionModel(**dict(parts["sdxl_unet"].config, in_channels=8)), 2).eval()
+    pipe = StableDiffusionXLInstructPix2PixPipeline(
+        vae=parts["vae"], text_encoder=parts["sdxl_text"], text_encoder_2=parts["sdxl_text_2"],
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer"], unet=unet, scheduler=scheduler())
+    apply_hidiffusion(pipe, backend="torch")
+    generate(pipe, steps=10, image=torch.rand(1, 3, 64, 64), denoising_end=0.6)
+    assert not hasattr(pipe, "_num_timesteps")
     assert [(s, n) for s, n, _ in schedule_log] == [(s, 6) for s in range(6)]
 
 
