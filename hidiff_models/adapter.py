@@ -231,6 +231,9 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     _check_backend(pipe, unet, backend)
     if window_shift is not None and (type(window_shift) is not int or not 0 <= window_shift <= 3):
         raise ValueError(f"window_shift must be None or an int in 0..3, got {window_shift!r}")
+    for name, value in (("apply_raunet", apply_raunet), ("apply_window_attn", apply_window_attn)):
+        if type(value) is not bool:
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     seed = _seed_of(generator)
     layout = LAYOUTS[model_type]
     _check_layout(unet, layout, model_type, apply_window_attn)
@@ -470,6 +473,8 @@ def _seed_of(generator):
     if isinstance(generator, torch.Generator):
         return generator.initial_seed()
     if type(generator) is int:
+        if not -2**63 <= generator < 2**64:
+            raise ValueError(f"generator: int seed {generator} is outside torch's seed range -2**63 .. 2**64 - 1")
         return generator
     raise TypeError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
 

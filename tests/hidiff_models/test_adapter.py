@@ -379,6 +379,9 @@ def other_layout_unet():
     (dict(model_type="sdxl"), ValueError, "does not match"),
     (dict(window_shift=4), ValueError, "window_shift"),
     (dict(generator="seed"), TypeError, "generator"),
+    (dict(generator=2**64), ValueError, "generator: int seed .* outside torch's seed range"),
+    (dict(apply_raunet="no"), TypeError, "apply_raunet must be True or False"),
+    (dict(apply_window_attn=None), TypeError, "apply_window_attn must be True or False"),
 ])
 def test_bad_arguments_are_refused_before_any_change(unets, kwargs, error, match):
     unet = unets["sd15"]
