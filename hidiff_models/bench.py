@@ -48,10 +48,13 @@ CPU_LABEL = "CPU reference timings, not kernel performance"
 DEFAULT_JSON = "bench-results/bench.json"
 # Image sizes in pixels (latents are 1/8). CUDA: the resolutions HiDiffusion is for. CPU: small enough for
 # the default run (tiny UNets) to take well under 2 minutes on 2 cores.
-CUDA_SIZES = {"sd15": (1024, 2048), "sd21": (1536, 3072), "sdxl": (2048, 4096)}  # sd21: 2x and 4x its 768 px
-CPU_SIZES = {"sd15": (512,), "sd21": (512,), "sdxl": (512,)}
-# apply_hidiffusion's model_type of each built-in UNet: SD2.1 is the SD1.5 family (same blocks, same schedule)
-MODEL_TYPE = {"sd15": "sd15", "sd21": "sd15", "sdxl": "sdxl"}
+# sd21: 2x and 4x its 768 px; sdxl_turbo: 2x and 4x its 512 px (HiDiffusion's Turbo profile is for 1024 px)
+CUDA_SIZES = {"sd15": (1024, 2048), "sd21": (1536, 3072), "sdxl": (2048, 4096), "sdxl_turbo": (1024, 2048)}
+CPU_SIZES = {"sd15": (512,), "sd21": (512,), "sdxl": (512,), "sdxl_turbo": (512,)}
+# The UNet family and apply_hidiffusion's model_type of each --model-type: SD2.1 is the SD1.5 family (same
+# blocks, same schedule); SDXL-Turbo is SDXL's UNet (the built-in one too) with its own schedule.
+FAMILY = {"sd15": "sd15", "sd21": "sd15", "sdxl": "sdxl", "sdxl_turbo": "sdxl"}
+MODEL_TYPE = {"sd15": "sd15", "sd21": "sd15", "sdxl": "sdxl", "sdxl_turbo": "sdxl_turbo"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Where each op runs in the UNet. *_div: the map's size there is the latent size / div (each stride-2
@@ -64,7 +67,6 @@ SITES = {
                  rad_conv="down_blocks.1.downsamplers.0.conv", rad_div=2,
                  upsampler="up_blocks.0.upsamplers.0.conv"),
 }
-SITES["sd21"] = SITES["sd15"]
 
 
 @dataclass
@@ -226,9 +228,11 @@ def _sizes_for(cfg, model):
 
 
 def _load(cfg, model, dtype, device):
-    """(UNet, family 'sd15'/'sdxl') from the built-in configs or the local folder cfg.model_path."""
+    """(UNet, its label: the model type, or the family 'sd15'/'sdxl' of the local folder cfg.model_path when
+    ``model`` is None) from the built-in configs or that folder."""
     if cfg.model_path is None:
-        return build_unet(model, cfg.unet_size, seed=cfg.seed, dtype=dtype, device=device), model
+        architecture = "sdxl" if model == "sdxl_turbo" else model
+        return build_unet(architecture, cfg.unet_size, seed=cfg.seed, dtype=dtype, device=device), model
     unet = load_local_unet(cfg.model_path, dtype, device)
     return unet, model or family_of(unet.config)
 
@@ -409,7 +413,7 @@ def _op_rows(cfg, unet, family, latent_hw, device, dtype, where, bar):
     fused = _triton_rows(cfg, device)
     ops = hidiff_kernels if fused else reference  # on CPU: the reference op, never the interpreter
     ours = "hidiff fused Triton kernel" if fused else "hidiff reference op (CPU)"
-    site = SITES[family]
+    site = SITES[FAMILY[family]]
     modules = dict(unet.named_modules())
     gen = torch.Generator().manual_seed(1)
 
@@ -560,7 +564,7 @@ def compact_table(result) -> str:
     n, steps = meta["num_steps"], meta["steps"]
     unet_cols = [(b, s) for b in ("torch", "triton") for s in steps]
     ops = ("msw", "rad-conv", "upsample-conv")
-    head = (f"{'model':<6} {'image':>10} {'vanilla ms':>11} " + " ".join(f"{f'{b} s{s}':>10}" for b, s in unet_cols)
+    head = (f"{'model':<10} {'image':>10} {'vanilla ms':>11} " + " ".join(f"{f'{b} s{s}':>10}" for b, s in unet_cols)
             + f" {'triton err':>10} " + " ".join(f"{o:>13}" for o in ops))
     lines = [f"summary: speed-up of a UNet step vs vanilla, of each hidiff op vs its baseline "
              f"({meta['device']}, {meta['dtype']})", head]
@@ -580,7 +584,7 @@ def compact_table(result) -> str:
             r = next((r for r in rs if r["group"] == o and r["case"].startswith("hidiff")), None)
             op_cells.append("-" if r is None or r["speedup"] is None else f"{r['speedup']:.2f}x")
         err = _fmt(max(errs) if errs else None, "10.1e")
-        lines.append(f"{model.split(' ')[0]:<6} {image:>10} {_fmt(vanilla, '11.1f'):>11} "
+        lines.append(f"{model.split(' ')[0]:<10} {image:>10} {_fmt(vanilla, '11.1f'):>11} "
                      + " ".join(f"{c:>10}" for c in cells) + f" {err:>10} " + " ".join(f"{c:>13}" for c in op_cells))
     return "\n".join(lines)
 

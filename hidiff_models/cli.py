@@ -67,9 +67,10 @@ def build_parser():
         "Defaults on CPU: the tiny built-in UNets (real block layout, narrow channels) in fp32 at 512 pixels; "
         "CPU timings are PyTorch reference timings, not kernel performance.",
     )
-    bench.add_argument("--model-type", choices=("sd15", "sd21", "sdxl", "all"), default="all",
+    bench.add_argument("--model-type", choices=("sd15", "sd21", "sdxl", "sdxl_turbo", "all"), default="all",
                        help="built-in UNet(s) to time (default: all = sd15 and sdxl; sd21 on CUDA at 1536 and "
-                            "3072 px); with --model, the model family ('all': detect it)")
+                            "3072 px; sdxl_turbo: SDXL's UNet with SDXL-Turbo's schedule, at 1024 and 2048 px); "
+                            "with --model, the model type ('all': detect it, SDXL-Turbo by 'turbo' in the path)")
     bench.add_argument("--model", metavar="PATH",
                        help="a local diffusers pipeline folder (its unet/) or UNet folder instead of the "
                             "built-in UNets")
@@ -114,6 +115,9 @@ def build_parser():
     gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
     gen.add_argument("--guidance", type=_finite_float, default=7.5, help="classifier-free guidance scale (default: 7.5)")
     gen.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise and window shifts (default: 0)")
+    gen.add_argument("--model-type", choices=("sd15", "sdxl", "sdxl_turbo"),
+                     help="sd15 (also SD 2.x), sdxl or sdxl_turbo (default: from the UNet's architecture; "
+                          "SDXL-Turbo only when 'turbo' is in the path)")
     gen.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                      help="HiDiffusion ops: triton (fused kernels, CUDA), torch (plain PyTorch), auto (triton on CUDA)")
     gen.add_argument("--no-raunet", dest="raunet", action="store_false", help="MSW-MSA only, without RAU-Net")
@@ -147,10 +151,15 @@ def cmd_bench(args):
         raise UserError(f"--steps-to-time {bad[0]}: outside 0..{args.num_steps - 1} (--num-steps {args.num_steps})")
     models = ["sd15", "sdxl"] if args.model_type == "all" else [args.model_type]
     if args.model:
-        bench.unet_folder(args.model)
+        family = bench.local_family(args.model)
+        if args.model_type != "all" and bench.FAMILY[args.model_type] != family:
+            raise UserError(f"--model-type {args.model_type}: {args.model} holds a UNet of the {family} family")
         models = [None if args.model_type == "all" else args.model_type]  # None: detect (SDXL-Turbo by name too)
+    json_path = args.json or bench.DEFAULT_JSON
+    _check_writable("--json", json_path)  # the outputs are checked before the run, not after it
     if args.plot:
-        bench.require_matplotlib()  # before the run, not after it
+        _check_writable("--plot", args.plot)
+        bench.require_matplotlib()
     cfg = bench.BenchConfig(
         models=models, device=device, dtype=dtype, unet_size=args.unet_size or defaults["unet_size"],
         model_path=args.model, sizes=args.sizes, num_steps=args.num_steps, steps=sorted(set(steps)),
@@ -167,7 +176,6 @@ def cmd_bench(args):
           f"{cfg.repeats} repeats", file=sys.stderr)
     if device == "cpu":
         print(f"{bench.CPU_LABEL}: the Triton rows need CUDA", file=sys.stderr)
-    json_path = args.json or bench.DEFAULT_JSON
     result = bench.run(cfg, checkpoint=lambda partial: bench.write_json(partial, json_path))
     print(bench.format_table(result))
     print()
@@ -272,7 +280,8 @@ def cmd_generate(args):
     from . import apply_hidiffusion
 
     try:
-        apply_hidiffusion(pipe, backend=args.backend, apply_raunet=args.raunet, generator=args.seed)
+        apply_hidiffusion(pipe, backend=args.backend, apply_raunet=args.raunet, generator=args.seed,
+                          model_type=args.model_type)
     except ValueError as e:
         raise UserError(f"HiDiffusion cannot be applied: {_first_line(e)}") from None
     if args.height * args.width > 2048 * 2048 and hasattr(pipe, "enable_vae_tiling"):
@@ -301,7 +310,27 @@ def _output_path(path):
     if Image.registered_extensions().get(extension) not in Image.SAVE:
         raise UserError(f"--output {path}: PIL cannot write {extension or 'a file without an extension'}; "
                         "use .png, .jpg or .webp")
+    _check_writable("--output", path)
     return out
+
+
+def _check_writable(option, path):
+    """Refuse an output file that could not be written after a long run: a folder at its place, a file in the
+    way of its folder, or a folder (or the nearest existing one above it) that takes no new file."""
+    import tempfile
+
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path}: is a folder, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UserError(f"{option} {path}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{option} {path}: cannot write in {folder} ({e.strerror or e})") from None
 
 
 def _first_line(error):

@@ -158,16 +158,24 @@ def test_bench_tiny_writes_json(capsys, tmp_path):
     assert str(out_json) in err
 
 
-def test_bench_sd21(capsys, tmp_path):
+@pytest.mark.parametrize("model_type, applied", [("sd21", "sd15"), ("sdxl_turbo", "sdxl_turbo")])
+def test_bench_other_model_types(capsys, tmp_path, monkeypatch, model_type, applied):
+    import hidiff_models
+
+    model_types = []
+    real_apply = hidiff_models.apply_hidiffusion
+    monkeypatch.setattr(hidiff_models, "apply_hidiffusion",
+                        lambda unet, **kw: model_types.append(kw["model_type"]) or real_apply(unet, **kw))
     out_json = tmp_path / "bench.json"
-    code, out, err = run_main(capsys, "bench", "--model-type", "sd21", "--device", "cpu", "--unet-size", "tiny",
+    code, out, err = run_main(capsys, "bench", "--model-type", model_type, "--device", "cpu", "--unet-size", "tiny",
                               "--sizes", "64", "--repeats", "1", "--threads", "1", "--json", str(out_json))
     assert code == 0, err
+    assert model_types == [applied]  # the torch backend's step rows (the triton ones need CUDA)
     rows = json.loads(out_json.read_text())["rows"]
-    assert {r["model"] for r in rows} == {"sd21"}
+    assert {r["model"] for r in rows} == {model_type}
     assert {r["group"] for r in rows} == {"unet", "msw", "rad-conv", "upsample-conv"}
     assert all(r["median_ms"] > 0 for r in rows if "triton" not in r["case"])
-    assert "sd21: 64x64 image, 8x8 latents" in out
+    assert f"{model_type}: 64x64 image, 8x8 latents" in out
 
 
 def test_original_window_attention_baseline_matches_reference():
@@ -278,6 +286,28 @@ def test_generate_checks_output_and_numbers_before_loading(capsys, tmp_path, tin
     for option, value, fragment in (("--guidance", "nan", "finite"), ("--seed", str(2**64), "2**63")):
         code, _, err = run_main(capsys, "generate", "--model", str(tiny_pipeline), "--prompt", "x", option, value)
         assert code == 2 and fragment in err and "Traceback" not in err  # argparse: usage line + error line
+
+
+def test_model_type_that_does_not_match_the_checkpoint_is_refused(capsys, tiny_pipeline):
+    code, _, err = run_main(capsys, "bench", "--model", str(tiny_pipeline), "--model-type", "sdxl_turbo",
+                            "--device", "cpu")
+    assert_one_line_error(code, err, "--model-type sdxl_turbo", "of the sd15 family")  # one line: before any timing
+    code, _, err = run_main(capsys, "generate", "--model", str(tiny_pipeline), "--model-type", "sdxl",
+                            "--prompt", "x", "--height", "64", "--width", "64", "--steps", "1", "--device", "cpu")
+    assert code == 2 and "HiDiffusion cannot be applied" in err and "does not match" in err
+
+
+def test_output_paths_are_checked_before_the_run(capsys, tmp_path, tiny_pipeline):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder would go")
+    code, _, err = run_main(capsys, "generate", "--model", str(tiny_pipeline), "--prompt", "x", "--height", "64",
+                            "--width", "64", "--steps", "1", "--device", "cpu", "--output", str(blocker / "a.png"))
+    assert_one_line_error(code, err, "--output", "is a file, not a folder")
+    for option, path in (("--json", blocker / "sub" / "b.json"), ("--json", tmp_path), ("--plot", blocker / "p.png")):
+        code, _, err = run_main(capsys, "bench", "--device", "cpu", "--sizes", "64", "--repeats", "1",
+                                option, str(path))
+        assert_one_line_error(code, err, option)  # one line: no header, nothing timed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_bench_sizes_of_a_local_unet_follow_its_family(tmp_path):
