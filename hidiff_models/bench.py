@@ -71,7 +71,7 @@ SITES = {
 
 @dataclass
 class BenchConfig:
-    models: list  # built-in UNets, e.g. ["sd15", "sdxl"]; with model_path: one entry, the family (or None to detect)
+    models: list  # built-in UNets, e.g. ["sd15", "sdxl"]; with model_path: one entry, its model type (None: detect)
     device: str = "cpu"
     dtype: str = "fp32"
     unet_size: str = "tiny"  # built-in UNets: "tiny" (narrow channels) or "full" (real architecture)
