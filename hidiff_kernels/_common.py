@@ -8,14 +8,25 @@ import re
 import numpy as np
 import torch
 import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # the attention kernel keeps a whole head vector per token in one tile
 
 
+@triton.jit
+def _defined_like_the_kernels():
+    pass
+
+
 def interpreter_enabled() -> bool:
-    """True when Triton kernels run on CPU tensors through the Triton interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when hidiff's Triton kernels run through the Triton interpreter (CPU tensors included).
+
+    Triton picks interpreter or compiler once, as it defines each kernel, from TRITON_INTERPRET (1, true, yes
+    or on) at the time hidiff_kernels is imported; this asks a function defined beside the kernels what was
+    picked, so a variable set or unset afterwards cannot make the launchers disagree with the kernels.
+    """
+    return isinstance(_defined_like_the_kernels, InterpretedFunction)
 
 
 def autotune_enabled() -> bool:
@@ -39,8 +50,8 @@ def _interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
 
 
 def triton_runs_on(device: torch.device) -> bool:
-    """CUDA tensors run the compiled kernel; CPU tensors run it only under TRITON_INTERPRET=1 (a RuntimeError
-    if the installed triton and numpy cannot run the interpreter)."""
+    """CUDA tensors run the kernels; CPU tensors only when they were built for the interpreter (a RuntimeError
+    if the installed triton and numpy cannot run it)."""
     if device.type == "cpu" and interpreter_enabled():
         problem = _interpreter_problem(triton.__version__, np.__version__)
         if problem:

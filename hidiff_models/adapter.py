@@ -462,7 +462,8 @@ def _check_backend(pipe, unet, backend):
         device = getattr(pipe, "_execution_device", unet.device)  # offloaded pipelines run elsewhere
         if not triton_runs_on(device):
             raise ValueError(
-                f"backend='triton' runs on CUDA, or on CPU only with TRITON_INTERPRET=1; the model runs on {device}. "
+                f"backend='triton' runs on CUDA, or on CPU only with TRITON_INTERPRET=1 set before hidiff is imported; "
+                f"the model runs on {device}. "
                 "Use backend='torch' or 'auto'."
             )
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import hidiff_kernels
 from hidiff_kernels.benchmarking import rel_err, timed_call_ms
 
 from .cli import UserError
@@ -382,7 +383,7 @@ def _unet_rows(cfg, unet, model, family, latent_hw, device, dtype, where, bar):
 
 
 def _triton_rows(cfg, device):
-    return device.type == "cuda" or (cfg.triton_on_cpu and os.environ.get("TRITON_INTERPRET") == "1")
+    return device.type == "cuda" or (cfg.triton_on_cpu and hidiff_kernels.interpreter_enabled())
 
 
 def _step_note(step, n):
@@ -405,7 +406,6 @@ def _map_size(latent_hw, div):
 
 
 def _op_rows(cfg, unet, family, latent_hw, device, dtype, where, bar):
-    import hidiff_kernels
     from hidiff_kernels import reference
 
     from .processors import shift_for_phase, window_attention
@@ -498,7 +498,7 @@ def _meta(cfg, device, seconds):
         num_steps=cfg.num_steps, steps=list(cfg.steps), repeats=cfg.repeats, warmup=1, seed=cfg.seed,
         label=CPU_LABEL if device.type == "cpu" else "CUDA kernel timings",
         cudnn_benchmark=device.type == "cuda",
-        triton_interpret=os.environ.get("TRITON_INTERPRET", "0"),
+        triton_interpret=hidiff_kernels.interpreter_enabled(),
         total_s=round(seconds, 1),
     )
     return meta

@@ -1,8 +1,10 @@
-import os
 import zlib
 
 import pytest
 import torch
+
+import hidiff_kernels
+
 
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
@@ -30,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 requires_interpreter = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    not torch.cuda.is_available() and not hidiff_kernels.interpreter_enabled(),
     reason="Triton kernels need CUDA or TRITON_INTERPRET=1",
 )
 

@@ -226,7 +226,7 @@ def test_custom_op_registration():
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_common, "interpreter_enabled", lambda: False)
     q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))
     assert torch.equal(hidiff_kernels.msw_attention(q, k, v, (4, 5), (1, 2)),
                        reference.msw_attention(q, k, v, (4, 5), (1, 2)))
@@ -236,7 +236,7 @@ def test_cpu_without_interpreter_uses_reference(monkeypatch):
                          [("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.5.1", False)])
 def test_interpreter_with_incompatible_numpy_is_refused(monkeypatch, triton_version, numpy_version, refused):
     """triton < 3.7's interpreter cannot run on numpy >= 2.4: a clear error instead of an InterpreterError."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_common, "interpreter_enabled", lambda: True)
     monkeypatch.setattr(_common.triton, "__version__", triton_version)
     monkeypatch.setattr(_common.np, "__version__", numpy_version)
     q, k, v = (torch.randn(1, 20, 2, 8) for _ in range(3))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import hidiff_kernels
-from hidiff_kernels import reference
+from hidiff_kernels import _common, reference
 from hidiff_kernels.ops import rau_conv
 
 from conftest import relative_error, requires_interpreter
@@ -216,7 +216,7 @@ def test_weight_channels_last(op):
 
 
 def test_cpu_without_interpreter_uses_reference(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_common, "interpreter_enabled", lambda: False)
     x, w, b = make_inputs(2, 4, 6, 5, 6, torch.float32, False, True)
     x, w, b = x.cpu(), w.cpu(), b.cpu()
     torch.testing.assert_close(hidiff_kernels.rau_downsample_conv(x, w, b), reference.rau_downsample_conv(x, w, b), rtol=0, atol=0)

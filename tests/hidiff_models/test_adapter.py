@@ -14,7 +14,7 @@ from diffusers.models.attention_processor import (
 
 import hidiff_models.adapter as adapter
 import hidiff_models.raunet as raunet
-from hidiff_kernels import reference
+from hidiff_kernels import _common, reference
 from hidiff_kernels.ops import msw_attention as msw_module
 from hidiff_kernels.ops import rau_conv as rau_module
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
@@ -403,7 +403,7 @@ def test_unsupported_models_are_refused(unets):
 
 
 def test_triton_without_interpreter_on_cpu_is_refused(unets, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_common, "interpreter_enabled", lambda: False)
     unet = unets["sd15"]
     before = snapshot(unet)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):

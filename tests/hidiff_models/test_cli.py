@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import hidiff_kernels
 from hidiff_models import bench, cli
 
 TRITON_ROW = "n/a (needs CUDA; interpreter timings are not kernel performance)"
@@ -263,7 +264,7 @@ def test_bench_with_local_unet_folder(capsys, tmp_path, tiny_pipeline):
     assert [r["group"] for r in rows] == ["unet"] * 5 and rows[0]["model"].startswith("sd15 (")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+@pytest.mark.skipif(not torch.cuda.is_available() and not hidiff_kernels.interpreter_enabled(),
                     reason="the Triton rows need CUDA or TRITON_INTERPRET=1")
 def test_bench_triton_rows_pair_with_torch_rows():
     """The Triton rows' errors compare against the torch backend with the same window shifts (interpreter on CPU:
