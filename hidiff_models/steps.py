@@ -24,6 +24,9 @@ class PipelineCall:
     pipeline: object
     flags: dict = field(default_factory=dict)
     denoising_end: object = None  # the call's argument (SDXL pipelines): where the run stops
+    # Where the run starts in the scheduler's timesteps, for pipelines that tell neither by _num_timesteps nor by
+    # begin_index: found once, at the call's first UNet call
+    found_start: list = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -61,7 +64,9 @@ def current_step(unet, timestep):
         raise RuntimeError(
             "HiDiffusion's RAU-Net needs the denoising step of each UNet call: call the UNet through a pipeline "
             "passed to apply_hidiffusion (a pipeline made since with from_pipe needs its own apply_hidiffusion), "
-            "or wrap the call in `with hidiff_models.denoising_step(unet, step, n):`"
+            "or wrap the call in `with hidiff_models.denoising_step(unet, step, n):`. Pipeline methods other than "
+            "__call__ (an inversion's invert()) are not tracked: run them before apply_hidiffusion, or apply it "
+            "with apply_raunet=False"
         )
     step, n = _pipeline_step(call, timestep)
     return step, n, call
@@ -69,10 +74,10 @@ def current_step(unet, timestep):
 
 def _pipeline_step(call, timestep):
     """Step index and number of steps of the pipeline's current run, from its scheduler state."""
-    pipe = call.pipeline
-    scheduler = pipe.scheduler
+    scheduler = call.pipeline.scheduler
     timesteps = scheduler.timesteps
-    start, n = _run_span(scheduler, getattr(pipe, "_num_timesteps", None), call.denoising_end)
+    t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
+    start, n = _run_span(call, t)
     step_index = getattr(scheduler, "step_index", None)
     if step_index is not None:
         # step_index counts from the start of scheduler.timesteps (or from begin_index, which is then the start)
@@ -81,7 +86,9 @@ def _pipeline_step(call, timestep):
         # PNDM runs one timestep twice (so a timestep is no position) and counts its step calls of this run
         step = scheduler.counter
     else:
-        step = _timestep_position(timesteps, start, n, timestep)
+        # A scheduler without step_index (DDIM), or one that sets it at its first step() (DPM-Solver, UniPC, LCM):
+        # then no step of this run was taken yet.
+        step = _timestep_position(timesteps, start, n, t, first=hasattr(type(scheduler), "step_index"))
     if not 0 <= step < n:
         raise RuntimeError(f"HiDiffusion: derived step {step} is outside the {n} steps of this pipeline run")
     return step, n
@@ -93,12 +100,14 @@ def _is_pndm(scheduler):
     return isinstance(scheduler, PNDMScheduler)
 
 
-def _run_span(scheduler, n, denoising_end):
+def _run_span(call, t):
     """(start, n): where the pipeline's run starts in its scheduler's timesteps and how many steps it runs.
 
-    ``n`` is the pipeline's ``_num_timesteps``, or None for pipelines that do not publish it (SDXL
-    InstructPix2Pix, unCLIP, T2I-Adapter): those run from begin_index (or the first timestep) to the end.
+    n is the pipeline's ``_num_timesteps``. Pipelines that do not publish it (SDXL InstructPix2Pix, unCLIP,
+    DiffEdit, LEdits++) run from begin_index, else from the timestep of their first UNet call, to the end.
     """
+    scheduler, denoising_end = call.pipeline.scheduler, call.denoising_end
+    n = getattr(call.pipeline, "_num_timesteps", None)
     timesteps = scheduler.timesteps
     end = len(timesteps)
     if isinstance(denoising_end, float) and 0 < denoising_end < 1:  # what the SDXL pipelines take as valid
@@ -107,19 +116,27 @@ def _run_span(scheduler, n, denoising_end):
         end = int((timesteps >= int(round(total - denoising_end * total))).sum())
     begin = getattr(scheduler, "begin_index", None)
     if n is None:
-        start = begin or 0
-        return start, end - start
+        if begin is None:
+            if not call.found_start:
+                call.found_start.append(_timestep_position(timesteps, 0, end, t, first=True))
+            begin = call.found_start[0]
+        return begin, end - begin
     if begin is not None:
         return begin, n
     # img2img strength truncation or denoising_start (pipelines that set no begin_index): the run ends at `end`
     return end - n, n
 
 
-def _timestep_position(timesteps, start, n, timestep):
-    """Position of ``timestep`` among the n timesteps run (schedulers without step_index, e.g. DDIM)."""
+def _timestep_position(timesteps, start, n, t, first=False):
+    """Position of timestep ``t`` among the n timesteps run from ``start``.
+
+    A timestep that repeats there (sigmas rounded to equal timesteps) has no one position, unless ``first``:
+    the run's first UNet call, or a call before the scheduler's first step() of the run, is at the first one.
+    """
     run = timesteps[start : start + n]
-    t = torch.as_tensor(timestep).flatten()[0].to(run.device, run.dtype)
     matches = (run == t).nonzero().flatten().tolist()
+    if first and matches:
+        return matches[0]
     if len(matches) != 1:
         raise RuntimeError(
             f"HiDiffusion: timestep {t.item()} is not found exactly once among the {n} timesteps of this "

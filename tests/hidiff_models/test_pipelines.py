@@ -1,6 +1,7 @@
 """apply_hidiffusion on tiny real diffusers pipelines, built offline: step derivation, sharing, variants."""
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import sys
@@ -13,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import (
-    AutoencoderKL, ControlNetModel, DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler,
+    AutoencoderKL, ControlNetModel, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+    LEditsPPPipelineStableDiffusion, PNDMScheduler,
     StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
     StableDiffusionAdapterPipeline, StableDiffusionPAGPipeline, StableDiffusionPanoramaPipeline,
     StableDiffusionPipeline, StableDiffusionSAGPipeline, StableDiffusionXLImg2ImgPipeline,
@@ -305,6 +307,33 @@ def test_img2img_counts_the_truncated_steps(parts, schedule_log, scheduler, sets
     image = torch.rand(1, 3, 64, 64)
     generate(pipe, steps=8, image=image, strength=0.5, height=None, width=None)
     assert [(s, n) for s, n, _ in schedule_log] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+
+
+def test_img2img_run_starting_on_a_repeated_timestep(parts, schedule_log):
+    # DPM-Solver++ with Karras sigmas rounds its last sigmas to equal timesteps: strength 0.06 of 50 steps runs
+    # [1, 1, 0], and the scheduler sets step_index only at its first step().
+    scheduler = functools.partial(DPMSolverMultistepScheduler, beta_schedule="scaled_linear", beta_start=0.00085,
+                                  beta_end=0.012, use_karras_sigmas=True)
+    pipe = apply_hidiffusion(sd15_pipe(parts, cls=StableDiffusionImg2ImgPipeline, scheduler=scheduler), backend="torch")
+    generate(pipe, steps=50, image=torch.rand(1, 3, 64, 64), strength=0.06, height=None, width=None)
+    assert pipe.scheduler.timesteps[-3:].tolist() == [1, 1, 0]
+    assert [(s, n) for s, n, _ in schedule_log] == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_run_of_a_tail_without_num_timesteps_or_begin_index(parts, schedule_log):
+    # LEdits++ runs the last 10 of the 12 timesteps its invert() left (skip=0.2) and tells neither n nor the
+    # start: the run starts at its first UNet call's timestep.
+    pipe = sd15_pipe(parts, cls=LEditsPPPipelineStableDiffusion,
+                     scheduler=functools.partial(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++"))
+    image = torch.rand(1, 3, 64, 64)
+    pipe.invert(image=image, num_inversion_steps=10, skip=0.2, generator=torch.Generator().manual_seed(0))
+    apply_hidiffusion(pipe, backend="torch")
+    with pytest.warns(UserWarning, match="processors were replaced"):  # LEdits++ sets its own attention processors
+        pipe(editing_prompt=["cat"], output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert len(pipe.scheduler.timesteps) == 12
+    assert [(s, n) for s, n, _ in schedule_log] == [(s, 10) for s in range(10)]
+    with pytest.raises(RuntimeError, match=r"invert\(\)\) are not tracked"):
+        pipe.invert(image=image, num_inversion_steps=10, skip=0.2)
 
 
 def test_inpainting_pipeline_selects_inpainting_schedule(parts, schedule_log):
