@@ -76,8 +76,7 @@ def _pipeline_step(call, timestep):
     """Step index and number of steps of the pipeline's current run, from its scheduler state."""
     scheduler = call.pipeline.scheduler
     timesteps = scheduler.timesteps
-    t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
-    start, n = _run_span(call, t)
+    start, n = _run_span(call, timestep)
     step_index = getattr(scheduler, "step_index", None)
     if step_index is not None:
         # step_index counts from the start of scheduler.timesteps (or from begin_index, which is then the start)
@@ -88,7 +87,7 @@ def _pipeline_step(call, timestep):
     else:
         # A scheduler without step_index (DDIM), or one that sets it at its first step() (DPM-Solver, UniPC, LCM):
         # then no step of this run was taken yet.
-        step = _timestep_position(timesteps, start, n, t, first=hasattr(type(scheduler), "step_index"))
+        step = _timestep_position(timesteps, start, n, timestep, first=hasattr(type(scheduler), "step_index"))
     if not 0 <= step < n:
         raise RuntimeError(f"HiDiffusion: derived step {step} is outside the {n} steps of this pipeline run")
     return step, n
@@ -100,7 +99,7 @@ def _is_pndm(scheduler):
     return isinstance(scheduler, PNDMScheduler)
 
 
-def _run_span(call, t):
+def _run_span(call, timestep):
     """(start, n): where the pipeline's run starts in its scheduler's timesteps and how many steps it runs.
 
     n is the pipeline's ``_num_timesteps``. Pipelines that do not publish it (SDXL InstructPix2Pix, unCLIP,
@@ -118,7 +117,7 @@ def _run_span(call, t):
     if n is None:
         if begin is None:
             if not call.found_start:
-                call.found_start.append(_timestep_position(timesteps, 0, end, t, first=True))
+                call.found_start.append(_timestep_position(timesteps, 0, end, timestep, first=True))
             begin = call.found_start[0]
         return begin, end - begin
     if begin is not None:
@@ -127,13 +126,14 @@ def _run_span(call, t):
     return end - n, n
 
 
-def _timestep_position(timesteps, start, n, t, first=False):
-    """Position of timestep ``t`` among the n timesteps run from ``start``.
+def _timestep_position(timesteps, start, n, timestep, first=False):
+    """Position of ``timestep`` among the n timesteps run from ``start``.
 
     A timestep that repeats there (sigmas rounded to equal timesteps) has no one position, unless ``first``:
     the run's first UNet call, or a call before the scheduler's first step() of the run, is at the first one.
     """
     run = timesteps[start : start + n]
+    t = torch.as_tensor(timestep).flatten()[0].to(run.device, run.dtype)
     matches = (run == t).nonzero().flatten().tolist()
     if first and matches:
         return matches[0]
