@@ -123,8 +123,10 @@ class HiDiffusionState:
         if self.pinned_phase is not None:
             return self.pinned_phase
         if not self.in_call:
-            raise RuntimeError("HiDiffusion window attention ran outside a call of its patched UNet; if the UNet "
-                               "is compiled, apply HiDiffusion before torch.compile")
+            raise RuntimeError(
+                "HiDiffusion window attention ran outside a call of its patched UNet: a UNet compiled before "
+                "apply_hidiffusion (apply it before torch.compile), or gradient checkpointing recomputing blocks in "
+                "backward (HiDiffusion is for inference: disable gradient checkpointing, or pin window_shift)")
         return self.phases[index]
 
     @torch.compiler.disable
@@ -326,6 +328,7 @@ def _install(unet, layout, state):
         for transformer_name, processors in processors_by_transformer.items():
             undo.append(modules[transformer_name].register_forward_pre_hook(
                 raunet.patch(_record_feature_size, processors), with_kwargs=True).remove)
+        undo.append(raunet.override_method(unet, "set_default_attn_processor", _set_default_attn_processor, unet))
     if state.apply_raunet:
         if layout.rad_conv is not None:
             conv = _unwrapped(modules[layout.rad_conv])
@@ -337,6 +340,18 @@ def _install(unet, layout, state):
         for module in unet.modules():
             if raunet.is_plain_upsampler(module):
                 undo.append(raunet.install_fused_upsample(module, state))
+
+
+def _set_default_attn_processor(unet, diffusers_method):
+    """diffusers' set_default_attn_processor refuses processors of classes it does not list, as the window
+    processors are: beside them only its cross-attention ones, it sets AttnProcessor everywhere, as diffusers would."""
+    from diffusers.models.attention_processor import CROSS_ATTENTION_PROCESSORS, AttnProcessor
+
+    if all(isinstance(p, WindowAttnProcessor) or type(p) in CROSS_ATTENTION_PROCESSORS
+           for p in unet.attn_processors.values()):
+        unet.set_attn_processor(AttnProcessor())
+    else:
+        diffusers_method()  # its own refusal
 
 
 def _schedule_controlnets(state, pipes):
