@@ -7,6 +7,7 @@ the model as it was. Hooks, overrides and undos are ``raunet.patch`` partials or
 a deepcopy of the UNet (or pipeline) is patched on its own modules and state.
 """
 import copy
+import inspect
 import threading
 import types
 import warnings
@@ -136,6 +137,8 @@ class HiDiffusionState:
         Runs eagerly (never traced by torch.compile: it reads the pipeline's state from context variables);
         what it decides reaches the compiled forward as plain attributes that dynamo guards on.
         """
+        if len(args) > 2:  # by name, where the residuals (ControlNet, T2I-Adapter) are looked for below
+            args, kwargs = (), _by_name(unet, args, kwargs)
         call = steps.pipeline_call()
         if call is None:
             generator = self.bare_generator
@@ -376,6 +379,12 @@ def _transformer_of(block_name):
 T2I_ADAPTER_REFUSAL = (
     "HiDiffusion's RAU-Net shrinks the feature maps that T2I-Adapter residuals are added to, so it cannot run "
     "with a T2I-Adapter; apply_hidiffusion(..., apply_raunet=False) runs MSW-MSA alone with one")
+
+
+def _by_name(unet, args, kwargs):
+    """A UNet call's arguments all by name (bound to the UNet class's forward: a TypeError as the call would)."""
+    bound = inspect.signature(type(unet).forward).bind(unet, *args, **kwargs)
+    return dict(list(bound.arguments.items())[1:])  # without self
 
 
 def _has_adapter_residuals(kwargs):

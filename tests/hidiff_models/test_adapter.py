@@ -347,6 +347,23 @@ def test_gradient_checkpointing_recompute_needs_a_pinned_shift(unets):
     assert sample.grad is not None and torch.isfinite(sample.grad).all() and sample.grad.abs().sum() > 0
 
 
+def test_residuals_passed_by_position_are_resized_as_by_name(unets):
+    unet = apply_hidiffusion(unets["sd15"], backend="torch", window_shift=1)
+    sample, kwargs = inputs("sd15")
+    # ControlNet residuals at the vanilla UNet's maps (conv_in, then 3 per down block but the last's 2; the mid
+    # block's): RAD-conv shrinks the UNet's maps at step 0, so each must be resized.
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(32, 16)] * 3 + [(32, 8)] + [(64, 8)] * 2 + [(64, 4)] * 3 + [(64, 2)] * 3
+    down = [0.1 * torch.randn(1, c, s, s, generator=gen) for c, s in shapes]
+    mid = 0.1 * torch.randn(1, 64, 2, 2, generator=gen)
+    with torch.no_grad(), denoising_step(unet, 0, 10):
+        by_name = unet(sample, 500, **kwargs, down_block_additional_residuals=down,
+                       mid_block_additional_residual=mid).sample
+        by_position = unet(sample, 500, kwargs["encoder_hidden_states"], None, None, None, None, None, down, mid)[0]
+    assert torch.equal(by_position, by_name)
+    assert relative_error(by_name, run(unet, sample, kwargs)) > 1e-3  # the residuals count
+
+
 def test_unbound_window_processor_refuses_to_run():
     # What diffusers' IP-Adapter loaders make from the class; a patched UNet swaps it for its own at each call.
     with pytest.raises(RuntimeError, match="not bound to a UNet"):
