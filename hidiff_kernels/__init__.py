@@ -2,7 +2,8 @@
 
 Every op is inference-only, registered with torch.library, and has a plain PyTorch twin in
 ``hidiff_kernels.reference``. CUDA tensors run the Triton kernel; CPU tensors run it through the
-Triton interpreter when TRITON_INTERPRET=1, and the reference otherwise.
+Triton interpreter when TRITON_INTERPRET=1 was set before this package was imported, and the reference
+otherwise.
 """
 from . import reference
 from ._common import interpreter_enabled, triton_runs_on

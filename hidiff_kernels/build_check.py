@@ -84,7 +84,7 @@ def _ast_source(build: KernelBuild):
 
     fn = build.fn
     if not hasattr(fn, "arg_names"):
-        raise TypeError("fn is not a compilable @triton.jit function (TRITON_INTERPRET=1 set?)")
+        raise TypeError("fn is not a compilable @triton.jit function (TRITON_INTERPRET set at import?)")
     constexprs = dict(build.constexprs)
     for p in getattr(fn, "params", []):  # constexpr args left out fall back to their defaults
         if p.is_constexpr and p.name not in constexprs and p.default is not inspect.Parameter.empty:
@@ -248,7 +248,9 @@ def main(argv=None) -> int:
     parser.add_argument("-k", dest="match", help="only configs whose name contains this")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from ._common import interpreter_enabled
+
+    if interpreter_enabled():
         parser.error("unset TRITON_INTERPRET: under the interpreter @triton.jit functions cannot be compiled")
 
     import triton

@@ -72,7 +72,7 @@ SITES = {
 
 @dataclass
 class BenchConfig:
-    models: list  # built-in UNets, e.g. ["sd15", "sdxl"]; with model_path: one entry, its model type (None: detect)
+    models: list  # model types, e.g. ["sd15", "sdxl"]; with model_path: one entry (None: the folder's, detected)
     device: str = "cpu"
     dtype: str = "fp32"
     unet_size: str = "tiny"  # built-in UNets: "tiny" (narrow channels) or "full" (real architecture)
@@ -151,7 +151,8 @@ def cpu_threads(requested=None) -> int:
 
 def _run(cfg, device, checkpoint):
     dtype = DTYPES[cfg.dtype]
-    plan = [(m, size) for m in cfg.models for size in _sizes_for(cfg, m)]
+    models = [m or local_model_type(cfg.model_path) for m in cfg.models]
+    plan = [(m, size) for m in models for size in _sizes_for(cfg, m)]
     per_size = (1 + 2 * len(cfg.steps)) + (7 if cfg.kernels else 0)
     rows = []
     started = time.perf_counter()
@@ -162,14 +163,14 @@ def _run(cfg, device, checkpoint):
                 unet = None  # one model in memory at a time
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                bar.set_description(f"loading {model or 'UNet'}")
-                unet, family = _load(cfg, model, dtype, device)
+                bar.set_description(f"loading {model}")
+                unet = _load(cfg, model, dtype, device)
                 loaded = model
-            where = dict(model=family if cfg.model_path is None else f"{family} ({cfg.model_path})",
+            where = dict(model=model if cfg.model_path is None else f"{model} ({cfg.model_path})",
                          image=f"{h}x{w}", latent=f"{h // 8}x{w // 8}")
-            rows += _unet_rows(cfg, unet, model, family, (h // 8, w // 8), device, dtype, where, bar)
+            rows += _unet_rows(cfg, unet, model, (h // 8, w // 8), device, dtype, where, bar)
             if cfg.kernels:
-                rows += _op_rows(cfg, unet, family, (h // 8, w // 8), device, dtype, where, bar)
+                rows += _op_rows(cfg, unet, model, (h // 8, w // 8), device, dtype, where, bar)
             if checkpoint is not None:
                 checkpoint({"meta": dict(_meta(cfg, device, time.perf_counter() - started), partial=True),
                             "rows": [asdict(r) for r in rows]})
@@ -222,20 +223,18 @@ def _sizes_for(cfg, model):
     if cfg.sizes:
         return cfg.sizes
     table = CUDA_SIZES if cfg.device == "cuda" else CPU_SIZES
-    return [(s, s) for s in table[model or local_family(cfg.model_path)]]
+    return [(s, s) for s in table[model]]
 
 
 # ---------------------------------------------------------------------------------------------- models
 
 
 def _load(cfg, model, dtype, device):
-    """(UNet, its label: the model type, or the family 'sd15'/'sdxl' of the local folder cfg.model_path when
-    ``model`` is None) from the built-in configs or that folder."""
+    """The UNet of model type ``model``: a built-in one, or the local folder cfg.model_path's."""
     if cfg.model_path is None:
         architecture = "sdxl" if model == "sdxl_turbo" else model
-        return build_unet(architecture, cfg.unet_size, seed=cfg.seed, dtype=dtype, device=device), model
-    unet = load_local_unet(cfg.model_path, dtype, device)
-    return unet, model or family_of(unet.config)
+        return build_unet(architecture, cfg.unet_size, seed=cfg.seed, dtype=dtype, device=device)
+    return load_local_unet(cfg.model_path, dtype, device)
 
 
 def has_weights(folder: Path) -> bool:
@@ -280,9 +279,11 @@ def family_of(unet_config) -> str:
     return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
 
 
-def local_family(path) -> str:
-    """family_of the UNet of a local diffusers folder, from its config alone (before loading the weights)."""
-    return family_of(json.loads((unet_folder(path) / "config.json").read_text()))
+def local_model_type(path) -> str:
+    """The model type of a local diffusers folder's UNet, from its config alone (before loading the weights):
+    its family, SDXL-Turbo for an SDXL UNet with "turbo" in the path (apply_hidiffusion's rule)."""
+    family = family_of(json.loads((unet_folder(path) / "config.json").read_text()))
+    return "sdxl_turbo" if family == "sdxl" and "turbo" in str(path).lower() else family
 
 
 def unet_inputs(unet, latent_hw, device, dtype, seed=0):
@@ -341,7 +342,7 @@ def _set_speedups(rows):
 # ---------------------------------------------------------------------------------------------- UNet rows
 
 
-def _unet_rows(cfg, unet, model, family, latent_hw, device, dtype, where, bar):
+def _unet_rows(cfg, unet, model, latent_hw, device, dtype, where, bar):
     from . import apply_hidiffusion, denoising_step, remove_hidiffusion
 
     inputs = unet_inputs(unet, latent_hw, device, dtype, cfg.seed)
@@ -362,7 +363,7 @@ def _unet_rows(cfg, unet, model, family, latent_hw, device, dtype, where, bar):
                 bar.update()
             continue
         # The same seed for both backends and the same sequence of calls: the same window shifts.
-        apply_hidiffusion(unet, backend=backend, generator=cfg.seed, model_type=MODEL_TYPE.get(model, model))
+        apply_hidiffusion(unet, backend=backend, generator=cfg.seed, model_type=MODEL_TYPE[model])
         try:
             for step in cfg.steps:
                 bar.set_description(f"{where['model']} {where['image']}: {backend} step {step}")
@@ -405,7 +406,7 @@ def _map_size(latent_hw, div):
     return h, w
 
 
-def _op_rows(cfg, unet, family, latent_hw, device, dtype, where, bar):
+def _op_rows(cfg, unet, model, latent_hw, device, dtype, where, bar):
     from hidiff_kernels import reference
 
     from .processors import shift_for_phase, window_attention
@@ -413,7 +414,7 @@ def _op_rows(cfg, unet, family, latent_hw, device, dtype, where, bar):
     fused = _triton_rows(cfg, device)
     ops = hidiff_kernels if fused else reference  # on CPU: the reference op, never the interpreter
     ours = "hidiff fused Triton kernel" if fused else "hidiff reference op (CPU)"
-    site = SITES[FAMILY[family]]
+    site = SITES[FAMILY[model]]
     modules = dict(unet.named_modules())
     gen = torch.Generator().manual_seed(1)
 

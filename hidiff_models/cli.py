@@ -151,10 +151,11 @@ def cmd_bench(args):
         raise UserError(f"--steps-to-time {bad[0]}: outside 0..{args.num_steps - 1} (--num-steps {args.num_steps})")
     models = ["sd15", "sdxl"] if args.model_type == "all" else [args.model_type]
     if args.model:
-        family = bench.local_family(args.model)
-        if args.model_type != "all" and bench.FAMILY[args.model_type] != family:
-            raise UserError(f"--model-type {args.model_type}: {args.model} holds a UNet of the {family} family")
-        models = [None if args.model_type == "all" else args.model_type]  # None: detect (SDXL-Turbo by name too)
+        detected = bench.local_model_type(args.model)
+        if args.model_type != "all" and bench.FAMILY[args.model_type] != bench.FAMILY[detected]:
+            raise UserError(f"--model-type {args.model_type}: {args.model} holds a UNet of the "
+                            f"{bench.FAMILY[detected]} family")
+        models = [detected if args.model_type == "all" else args.model_type]
     json_path = args.json or bench.DEFAULT_JSON
     _check_writable("--json", json_path)  # the outputs are checked before the run, not after it
     if args.plot:
@@ -170,8 +171,7 @@ def cmd_bench(args):
     if cfg.sizes:
         sizes = ", ".join(f"{h}x{w}" for h, w in cfg.sizes)
     else:
-        families = [m or bench.local_family(args.model) for m in models]
-        sizes = "; ".join(f"{m} {', '.join(map(str, table[m]))}" for m in families)
+        sizes = "; ".join(f"{m} {', '.join(map(str, table[m]))}" for m in models)
     print(f"hidiff bench on {device} ({dtype}): {unet}; image sizes {sizes}; steps {cfg.steps} of {cfg.num_steps}; "
           f"{cfg.repeats} repeats", file=sys.stderr)
     if device == "cpu":
@@ -315,13 +315,18 @@ def _output_path(path):
 
 
 def _check_writable(option, path):
-    """Refuse an output file that could not be written after a long run: a folder at its place, a file in the
-    way of its folder, or a folder (or the nearest existing one above it) that takes no new file."""
+    """Refuse an output file that could not be written after a long run: a folder at its place, a file there
+    that is not writable, a file in the way of its folder, or a folder (or the nearest existing one above it)
+    that takes no new file."""
     import tempfile
 
     if os.path.isdir(path):
         raise UserError(f"{option} {path}: is a folder, not a file")
-    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise UserError(f"{option} {path}: the file exists and is not writable")
+        return
+    folder = os.path.dirname(os.path.realpath(path))  # a link's target's folder, which writing it needs
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):

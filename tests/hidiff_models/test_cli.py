@@ -298,7 +298,7 @@ def test_model_type_that_does_not_match_the_checkpoint_is_refused(capsys, tiny_p
     assert code == 2 and "HiDiffusion cannot be applied" in err and "does not match" in err
 
 
-def test_output_paths_are_checked_before_the_run(capsys, tmp_path, tiny_pipeline):
+def test_output_paths_are_checked_before_the_run(capsys, tmp_path, tiny_pipeline, monkeypatch):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file where a folder would go")
     code, _, err = run_main(capsys, "generate", "--model", str(tiny_pipeline), "--prompt", "x", "--height", "64",
@@ -309,11 +309,31 @@ def test_output_paths_are_checked_before_the_run(capsys, tmp_path, tiny_pipeline
                                 option, str(path))
         assert_one_line_error(code, err, option)  # one line: no header, nothing timed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)  # as a read-only file for a user, not root
+    code, _, err = run_main(capsys, "bench", "--device", "cpu", "--json", str(blocker))
+    assert_one_line_error(code, err, "--json", "the file exists and is not writable")
 
 
-def test_bench_sizes_of_a_local_unet_follow_its_family(tmp_path):
+def test_bench_of_a_local_unet_follows_its_model_type(capsys, tmp_path, monkeypatch):
+    import hidiff_models
     from hidiff_models.configs import build_unet
 
-    build_unet("sdxl", "tiny").save_pretrained(tmp_path / "unet")
-    cfg = bench.BenchConfig(models=[None], device="cuda", model_path=str(tmp_path / "unet"))
-    assert bench._sizes_for(cfg, None) == [(2048, 2048), (4096, 4096)]  # SDXL's, not SD1.5's 1024 and 2048
+    unet = build_unet("sdxl", "tiny")
+    for folder in ("sdxl", "sdxl-turbo-copy"):
+        unet.save_pretrained(tmp_path / folder / "unet")
+    assert bench.local_model_type(tmp_path / "sdxl") == "sdxl"
+    assert bench.local_model_type(tmp_path / "sdxl-turbo-copy") == "sdxl_turbo"  # apply_hidiffusion's rule
+    cfg = bench.BenchConfig(models=["sdxl"], device="cuda", model_path=str(tmp_path / "sdxl"))
+    assert bench._sizes_for(cfg, "sdxl") == [(2048, 2048), (4096, 4096)]  # SDXL's, not SD1.5's 1024 and 2048
+    assert bench._sizes_for(cfg, "sdxl_turbo") == [(1024, 1024), (2048, 2048)]
+    model_types = []
+    real_apply = hidiff_models.apply_hidiffusion
+    monkeypatch.setattr(hidiff_models, "apply_hidiffusion",
+                        lambda unet, **kw: model_types.append(kw["model_type"]) or real_apply(unet, **kw))
+    code, _, err = run_main(capsys, "bench", "--model", str(tmp_path / "sdxl-turbo-copy"), "--device", "cpu",
+                            "--sizes", "64", "--repeats", "1", "--threads", "1", "--no-kernels", "--json",
+                            str(tmp_path / "b.json"))
+    assert code == 0, err
+    assert model_types == ["sdxl_turbo"]
+    assert {r["model"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]} == {
+        f"sdxl_turbo ({tmp_path / 'sdxl-turbo-copy'})"}
