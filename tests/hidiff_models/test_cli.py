@@ -159,19 +159,25 @@ def test_bench_tiny_writes_json(capsys, tmp_path):
     assert str(out_json) in err
 
 
-@pytest.mark.parametrize("model_type, applied", [("sd21", "sd15"), ("sdxl_turbo", "sdxl_turbo")])
-def test_bench_other_model_types(capsys, tmp_path, monkeypatch, model_type, applied):
+@pytest.fixture
+def applied_model_types(monkeypatch):
+    """The model_type of every apply_hidiffusion call the bench makes, in call order."""
     import hidiff_models
 
     model_types = []
     real_apply = hidiff_models.apply_hidiffusion
     monkeypatch.setattr(hidiff_models, "apply_hidiffusion",
                         lambda unet, **kw: model_types.append(kw["model_type"]) or real_apply(unet, **kw))
+    return model_types
+
+
+@pytest.mark.parametrize("model_type, applied", [("sd21", "sd15"), ("sdxl_turbo", "sdxl_turbo")])
+def test_bench_other_model_types(capsys, tmp_path, applied_model_types, model_type, applied):
     out_json = tmp_path / "bench.json"
     code, out, err = run_main(capsys, "bench", "--model-type", model_type, "--device", "cpu", "--unet-size", "tiny",
                               "--sizes", "64", "--repeats", "1", "--threads", "1", "--json", str(out_json))
     assert code == 0, err
-    assert model_types == [applied]  # the torch backend's step rows (the triton ones need CUDA)
+    assert applied_model_types == [applied]  # the torch backend's step rows (the triton ones need CUDA)
     rows = json.loads(out_json.read_text())["rows"]
     assert {r["model"] for r in rows} == {model_type}
     assert {r["group"] for r in rows} == {"unet", "msw", "rad-conv", "upsample-conv"}
@@ -314,8 +320,7 @@ def test_output_paths_are_checked_before_the_run(capsys, tmp_path, tiny_pipeline
     assert_one_line_error(code, err, "--json", "the file exists and is not writable")
 
 
-def test_bench_of_a_local_unet_follows_its_model_type(capsys, tmp_path, monkeypatch):
-    import hidiff_models
+def test_bench_of_a_local_unet_follows_its_model_type(capsys, tmp_path, applied_model_types):
     from hidiff_models.configs import build_unet
 
     unet = build_unet("sdxl", "tiny")
@@ -326,14 +331,10 @@ def test_bench_of_a_local_unet_follows_its_model_type(capsys, tmp_path, monkeypa
     cfg = bench.BenchConfig(models=["sdxl"], device="cuda", model_path=str(tmp_path / "sdxl"))
     assert bench._sizes_for(cfg, "sdxl") == [(2048, 2048), (4096, 4096)]  # SDXL's, not SD1.5's 1024 and 2048
     assert bench._sizes_for(cfg, "sdxl_turbo") == [(1024, 1024), (2048, 2048)]
-    model_types = []
-    real_apply = hidiff_models.apply_hidiffusion
-    monkeypatch.setattr(hidiff_models, "apply_hidiffusion",
-                        lambda unet, **kw: model_types.append(kw["model_type"]) or real_apply(unet, **kw))
     code, _, err = run_main(capsys, "bench", "--model", str(tmp_path / "sdxl-turbo-copy"), "--device", "cpu",
                             "--sizes", "64", "--repeats", "1", "--threads", "1", "--no-kernels", "--json",
                             str(tmp_path / "b.json"))
     assert code == 0, err
-    assert model_types == ["sdxl_turbo"]
+    assert applied_model_types == ["sdxl_turbo"]
     assert {r["model"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]} == {
         f"sdxl_turbo ({tmp_path / 'sdxl-turbo-copy'})"}
