@@ -86,6 +86,8 @@ def test_rau_conv_speed(benchmark, label, op, B, C, H, W, size, dtype, layout, i
         fn()  # autotunes (ours) / picks the algorithm (cuDNN) outside the timed rounds
         benchmark.extra_info["peak_MiB"] = peak_mib(fn, DEVICE)
         benchmark.pedantic(lambda: (fn(), sync()), warmup_rounds=3, rounds=20 if CUDA else 3)
+        if benchmark.stats is None:  # --benchmark-disable: one untimed call
+            return
         benchmark.extra_info["TFLOP/s"] = flops(op, B, C, H, W, size) / benchmark.stats.stats.median / 1e12
         if impl == "hidiff":
             baseline_ms = median_ms(make_impl(BASELINE, op, x, w, b, size), DEVICE)

@@ -17,7 +17,7 @@ import time
 import torch
 from torch._dynamo.utils import counters
 
-from hidiff_kernels.benchmarking import timed_call_ms
+from hidiff_kernels.benchmarking import rel_err, timed_call_ms
 from hidiff_models import apply_hidiffusion, denoising_step
 from hidiff_models.configs import build_unet
 from hidiff_models.schedule import active_ops
@@ -76,8 +76,7 @@ def check(mode, compiler_backend, device, dtype):
                 ms = timed_call_ms(lambda: outputs.append(compiled(sample, 500, encoder_hidden_states=context).sample),
                                    device)
             got = outputs[0]
-            err = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
-            worst = max(worst, err)
+            worst = max(worst, rel_err(got, expected))
             phase = active_ops("sd15", 64, 64, step, NUM_STEPS)
             if phase in phases:  # the first call of each RAU-Net phase compiles
                 later_calls.append(ms)

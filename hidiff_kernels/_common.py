@@ -11,6 +11,7 @@ import triton
 from triton.runtime.interpreter import InterpretedFunction
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # as in kernel signatures
 MAX_HEAD_DIM = 256  # the attention kernel keeps a whole head vector per token in one tile
 
 

@@ -84,7 +84,7 @@ class HiDiffusionState:
         self.phases = None  # window phase k of each processor for the UNet call in progress, on its device
         self.pre_pool_size = None
         self.rad_conv_site = None  # (downsampler, its conv) of RAD-conv, for LoRA convs beside the conv
-        self.widened_lora_convs = []
+        self.lora_down_convs = []  # LoRA convs beside it, in RAD-conv's geometry or the conv's for this call
         self.undo = []  # undos of the patches on modules and pipelines, undone last first
         # The UNet's call: the _call_impl before apply, and the undo of its override (which a new apply keeps).
         self.untracked_call = None
@@ -177,14 +177,15 @@ class HiDiffusionState:
         rad_conv = self.ops.rad_conv and self.rad_conv_site is not None  # SDXL-Turbo has no RAD-conv
         if (rad_conv or self.ops.rad_pool) and _has_adapter_residuals(kwargs):
             raise ValueError(T2I_ADAPTER_REFUSAL)
-        if rad_conv:
-            self.widened_lora_convs = raunet.widen_lora_down_convs(*self.rad_conv_site)
+        if self.rad_conv_site is not None:  # every call sets their geometry: a deep copy may hold them widened
+            self.lora_down_convs = raunet.lora_down_convs(*self.rad_conv_site)
+            raunet.set_lora_down_geometry(self.lora_down_convs, rad_conv)
         return args, kwargs
 
     @torch.compiler.disable
     def after_unet(self):
-        raunet.restore_lora_down_convs(self.widened_lora_convs)
-        self.widened_lora_convs = []
+        raunet.set_lora_down_geometry(self.lora_down_convs, rad_conv=False)
+        self.lora_down_convs = []
         for attn, pag_processor in self.pag_sites:
             attn.processor = pag_processor
         self.pag_sites = []
@@ -229,7 +230,8 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
 
     Pipelines may share the UNet (``from_pipe``) and call it from several threads. Applying to a UNet already
     patched with the same settings only adds the pipeline; other settings patch the UNet anew, for every
-    pipeline sharing it (after any UNet call in progress).
+    pipeline sharing it (after any UNet call in progress). Apply before other threads call the UNet: a call of the
+    unpatched UNet in progress cannot be waited for.
     """
     pipe, unet = _split(pipe_or_unet)
     model_type = _resolve_model_type(pipe, unet, model_type)
@@ -304,10 +306,11 @@ def _replace_state(unet, current, state):
     """
     if current is None:
         state.untracked_call = unet._call_impl
+        # The state first: a call that finds the override must find the state too (and wait for the install).
+        setattr(unet, STATE_ATTR, state)
         # Bound methods (a deepcopy rebinds them to the copy), not partials: torch.compile must see a function frame.
         state.call_tracking_undo = [raunet.set_attribute(unet, name, types.MethodType(_tracked_call, unet))
                                     for name in ("_call_impl", "__call__")]
-        setattr(unet, STATE_ATTR, state)
         return
     with current.call_lock:  # a UNet call in progress ends first
         current.retire()

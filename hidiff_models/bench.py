@@ -42,6 +42,7 @@ from hidiff_kernels.benchmarking import rel_err, timed_call_ms
 
 from .cli import UserError
 from .configs import build_unet
+from .schedule import active_ops
 
 BATCH = 2  # classifier-free guidance: the conditional and unconditional latents in one UNet call
 TRITON_ON_CPU = "n/a (needs CUDA; interpreter timings are not kernel performance)"
@@ -373,7 +374,7 @@ def _unet_rows(cfg, unet, model, latent_hw, device, dtype, where, bar):
                         return call()
 
                 row, out = _timed_row(where, "unet", f"hidiff {backend}, step {step}/{n}", step_call, cfg.repeats,
-                                      device, ref=torch_out.get(step), note=_step_note(step, n))
+                                      device, ref=torch_out.get(step), note=_step_note(model, latent_hw, step, n))
                 if backend == "torch":
                     torch_out[step] = out
                 rows.append(row)
@@ -387,12 +388,10 @@ def _triton_rows(cfg, device):
     return device.type == "cuda" or (cfg.triton_on_cpu and hidiff_kernels.interpreter_enabled())
 
 
-def _step_note(step, n):
-    if step == 0:
-        return "RAU-Net + MSW-MSA"
-    if step >= int(0.7 * n):  # past every profile's RAU-Net steps
-        return "MSW-MSA only"
-    return ""
+def _step_note(model, latent_hw, step, n):
+    """What the step runs, by the schedule apply_hidiffusion follows for this UNet called by hand."""
+    ops = active_ops(MODEL_TYPE[model], *latent_hw, step, n)
+    return "RAU-Net + MSW-MSA" if ops.rad_conv or ops.rad_pool else "MSW-MSA only"
 
 
 # ---------------------------------------------------------------------------------------------- op rows
@@ -412,7 +411,7 @@ def _op_rows(cfg, unet, model, latent_hw, device, dtype, where, bar):
     from .processors import shift_for_phase, window_attention
 
     fused = _triton_rows(cfg, device)
-    ops = hidiff_kernels if fused else reference  # on CPU: the reference op, never the interpreter
+    ops = hidiff_kernels if fused else reference  # on CPU the reference op, or the interpreter for triton_on_cpu
     ours = "hidiff fused Triton kernel" if fused else "hidiff reference op (CPU)"
     site = SITES[FAMILY[model]]
     modules = dict(unet.named_modules())

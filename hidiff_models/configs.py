@@ -46,7 +46,7 @@ SDXL = dict(
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
-# Narrow versions: same blocks, layers and module names; 16-dim attention heads.
+# Narrow versions: same blocks, layers and module names; 16-dim attention heads (sd15: 16 and 32).
 TINY = {
     "sd15": dict(SD15, block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=32,
                  attention_head_dim=2),

@@ -1,1 +1,1 @@
-"""One module per fused Triton op."""
+"""One module per op: the fused Triton kernels, and the plain-PyTorch window gather of the torch backend."""

@@ -15,8 +15,8 @@ import triton.language as tl
 
 from .. import reference
 from .._common import (
-    autotune_enabled, check_int32_span, check_msw_args, check_no_grad, interpreter_enabled, launch_device,
-    triton_runs_on,
+    TRITON_DTYPES, autotune_enabled, check_int32_span, check_msw_args, check_no_grad, interpreter_enabled,
+    launch_device, triton_runs_on,
 )
 from ..build_check import KernelBuild
 
@@ -33,7 +33,7 @@ CONFIGS = {
     (False, 256): [(64, 64, 8, 2), (64, 32, 8, 2)],
     (True, 64): [(64, 16, 8, 2), (32, 32, 8, 2), (64, 16, 4, 2)],
     (True, 128): [(64, 16, 4, 2), (32, 16, 4, 2)],
-    (True, 256): [(32, 16, 8, 1), (16, 16, 8, 1)],
+    (True, 256): [(32, 16, 8, 1), (16, 16, 8, 2)],
 }
 # The interpreter runs one small config: autotuning it would only cost time.
 INTERPRETER_CONFIG = (16, 16, 4, 1)
@@ -233,20 +233,20 @@ def msw_attention(q, k, v, size, shift, scale=None):
     return _msw_attention_op(q, k, v, H, W, *shift, None, scale)
 
 
-_SIGNATURE_DTYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-
-
 def build_configs():
-    """Every kernel variant the CUDA launcher can pick: autotune config x dtype x head dim 40/64/128 x shift
-    given as ints or as a tensor (the adapter's random window phases).
+    """Every kernel variant the CUDA launcher can pick: autotune config x dtype x head-dim class (SD's head dims
+    40, 64 and 128, and 160 for the class up to 256) x shift given as ints or as a tensor (the adapter's random
+    window phases).
 
-    ALIGNED=True: head vectors contiguous and 16-byte aligned, as diffusers' q/k/v are.
+    All with ALIGNED=True, the variant diffusers' q/k/v take (head vectors contiguous and 16-byte aligned); the
+    strided fallback for other layouts is not built here.
     """
     names = _msw_attention_kernel.arg_names
     scalars = {n: "i32" for n in names if n.startswith("stride_") or n in ("H", "W", "sh", "sw")}
     builds = []
-    for dtype, ptr in _SIGNATURE_DTYPES.items():
-        for head_dim in (40, 64, 128):
+    for dtype, type_name in TRITON_DTYPES.items():
+        ptr = "*" + type_name
+        for head_dim in (40, 64, 128, 160):
             for bm, bn, w, s in CONFIGS[_config_class(dtype, head_dim)]:
                 for in_memory in (False, True):
                     signature = {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, **scalars,
@@ -254,7 +254,7 @@ def build_configs():
                     constexprs = dict(HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn,
                                       ALIGNED=True, SHIFT_IN_MEMORY=in_memory, UPCAST=False)
                     builds.append(KernelBuild(
-                        name=f"{_OP} {ptr[1:]} d={head_dim} BLOCK_M={bm} BLOCK_N={bn} w{w} s{s}"
+                        name=f"{_OP} {type_name} d={head_dim} BLOCK_M={bm} BLOCK_N={bn} w{w} s{s}"
                              + (" shift=tensor" if in_memory else ""),
                         fn=_msw_attention_kernel, signature={n: signature[n] for n in names if n in signature},
                         constexprs=constexprs, num_warps=w, num_stages=s, uses_tensor_cores=dtype != torch.float32,

@@ -17,8 +17,8 @@ from torch._prims_common import suggest_memory_format
 
 from .. import reference
 from .._common import (
-    autotune_enabled, check_conv_args, check_int32_span, check_no_grad, interpreter_enabled, launch_device,
-    triton_runs_on,
+    TRITON_DTYPES, autotune_enabled, check_conv_args, check_int32_span, check_no_grad, interpreter_enabled,
+    launch_device, triton_runs_on,
 )
 from ..build_check import KernelBuild
 
@@ -249,13 +249,13 @@ def upsample_conv(x, weight, bias=None, size=None, scale_factor=None):
     return _upsample_op(x, weight, bias, None if factors else list(out_size), list(factors) if factors else None)
 
 
-def _signature(dtype, channels_last):
+def _signature(dtype, x_channels_last, y_channels_last):
     """Argument types and the unit strides that become constants, as the JIT specializes an SD launch.
 
     SD/SDXL channel counts (320, 640, 1280) make Ci, Co and the non-unit strides multiples of 16.
     """
-    ptr = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    unit = ("sxc", "syc") if channels_last else ("sxw", "syw")
+    ptr = "*" + TRITON_DTYPES[dtype]
+    unit = ("sxc" if x_channels_last else "sxw", "syc" if y_channels_last else "syw")
     strides = [s for s in ("sxb", "sxc", "sxh", "sxw", "syb", "syc", "syh", "syw") if s not in unit]
     signature = {**dict.fromkeys(["x_ptr", "w_ptr", "b_ptr", "y_ptr"], ptr), "M": "i32", "Ci": "i32:16", "Co": "i32:16",
                  **dict.fromkeys(["H", "W", "Ho", "Wo"], "i32"), **dict.fromkeys(strides, "i32:16"),
@@ -263,22 +263,28 @@ def _signature(dtype, channels_last):
     return signature, dict.fromkeys(unit, 1)
 
 
+# (input, output) memory formats the launcher meets: F.conv2d's rule makes the output channels-last when the
+# input or the weight is, so an NCHW input with a channels-last weight gives the mixed pair.
+_FORMATS = {"nchw": (False, False), "channels_last": (True, True), "nchw->channels_last": (False, True)}
+
+
 def build_configs():
-    """Every GPU config the launcher can pick, per gather mode, dtype and memory format (with bias: the superset)."""
+    """Every GPU config the launcher can pick, per gather mode, dtype and memory formats (with bias: the superset)."""
     builds = []
     for upsample in (False, True):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for channels_last in (False, True):
-                signature, unit_strides = _signature(dtype, channels_last)
-                for c in CONFIGS[dtype.itemsize, channels_last]:
+            for formats, (x_channels_last, y_channels_last) in _FORMATS.items():
+                signature, unit_strides = _signature(dtype, x_channels_last, y_channels_last)
+                for c in CONFIGS[dtype.itemsize, x_channels_last]:
                     tile = "x".join(str(c.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
                     builds.append(KernelBuild(
                         name=f"{'upsample' if upsample else 'rau_downsample'}_conv {str(dtype)[6:]} "
-                             f"{'channels_last' if channels_last else 'nchw'} {tile} w{c.num_warps} s{c.num_stages}",
+                             f"{formats} {tile} w{c.num_warps} s{c.num_stages}",
                         fn=_conv3x3_kernel,
                         signature=signature,
-                        constexprs=dict(UPSAMPLE=upsample, X_CHANNELS_LAST=channels_last, Y_CHANNELS_LAST=channels_last,
-                                        HAS_BIAS=True, UPCAST=False, **unit_strides, **c.kwargs),
+                        constexprs=dict(UPSAMPLE=upsample, X_CHANNELS_LAST=x_channels_last,
+                                        Y_CHANNELS_LAST=y_channels_last, HAS_BIAS=True, UPCAST=False,
+                                        **unit_strides, **c.kwargs),
                         num_warps=c.num_warps,
                         num_stages=c.num_stages,
                         uses_tensor_cores=dtype != torch.float32,

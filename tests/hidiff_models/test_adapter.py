@@ -2,6 +2,7 @@
 import copy
 import io
 import math
+import threading
 import warnings
 
 import pytest
@@ -382,6 +383,39 @@ def scaled_weights(unet, factor=1.1):
         for p in unet.parameters():
             p.mul_(factor)
     return unet
+
+
+def test_a_call_during_the_first_apply_waits_for_the_install(unets, built, monkeypatch):
+    # Another thread calling the UNet as soon as its call is tracked, while apply still installs: the call waits
+    # and runs patched (it once found no state there and recursed).
+    unet = unets["sd15"]
+    sample, kwargs = inputs("sd15")
+    expected = run(apply_hidiffusion(copy.deepcopy(built["sd15"]), backend="torch", window_shift=1,
+                                     apply_raunet=False), sample, kwargs)
+    outcome, threads = [], []
+
+    def call():
+        try:
+            with torch.no_grad():
+                outcome.append(unet(sample, 500, **kwargs).sample)
+        except BaseException as error:  # noqa: BLE001 - the test reports it
+            outcome.append(error)
+
+    def set_attribute(module, name, value):
+        undo = real_set_attribute(module, name, value)
+        if module is unet and name == "_call_impl":
+            threads.append(threading.Thread(target=call))
+            threads[0].start()
+            threads[0].join(0.5)
+        return undo
+
+    real_set_attribute = raunet.set_attribute
+    monkeypatch.setattr(raunet, "set_attribute", set_attribute)
+    apply_hidiffusion(unet, backend="torch", window_shift=1, apply_raunet=False)
+    threads[0].join(60)
+    (got,) = outcome
+    assert not isinstance(got, BaseException), repr(got)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])

@@ -528,6 +528,27 @@ def test_conv_lora_follows_rad_conv(parts):
     assert lora.lora_A["default"].stride == (2, 2)  # the LoRA's own geometry is back after the call
 
 
+def test_deep_copy_taken_during_a_rad_conv_call_runs_as_the_original(parts):
+    # A copy taken inside a RAD-conv call (a request deep-copying the pipeline while another thread generates;
+    # here a hook) holds the conv LoRA's down projection widened: the copy's calls set its geometry again.
+    unet = apply_hidiffusion(sd15_pipe(parts), backend="torch", window_shift=1).unet
+    add_lora(unet, ["down_blocks.0.downsamplers.0.conv"])
+    copies = []
+    unet.mid_block.register_forward_pre_hook(lambda module, args: None if copies else copies.append(copy.deepcopy(unet)))
+    sample, context = torch.randn(1, 4, 16, 16), torch.randn(1, 7, 32)
+    with torch.no_grad():
+        with hidiff_models.denoising_step(unet, step=0, num_steps=10):
+            unet(sample, 500, encoder_hidden_states=context)
+        twin, = copies
+        for step in (9, 0):  # RAD-conv off, then on
+            outputs = []
+            for model in (unet, twin):
+                with hidiff_models.denoising_step(model, step=step, num_steps=10):
+                    outputs.append(model(sample, 500, encoder_hidden_states=context).sample)
+            assert torch.equal(*outputs), step
+    assert twin.down_blocks[0].downsamplers[0].conv.lora_A["default"].stride == (2, 2)
+
+
 def test_t2i_adapter_needs_raunet_off(parts):
     # Its residuals are added to the down blocks' maps at their usual sizes (with RAU-Net: a shape error
     # mid-generation); MSW-MSA alone keeps the sizes.
