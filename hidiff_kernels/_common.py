@@ -1,9 +1,11 @@
-"""Shared input checks, and the rule that picks the Triton kernel or the reference implementation."""
+"""Shared input checks, the rule that picks the Triton kernel or the reference implementation, and the
+description of a kernel build (``build_check``)."""
 import contextlib
 import functools
 import math
 import os
 import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -190,3 +192,19 @@ def check_conv_args(op, x, weight, bias, upsample=False, size=None, scale_factor
     if min(out) < 1:
         raise ValueError(f"{op}: scale_factor {scale_factor!r} gives an empty output from {H}x{W}")
     return out, (float(factors[0]), float(factors[1]))
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One kernel variant a launcher can pick, for ``hidiff_kernels.build_check`` to compile."""
+
+    name: str  # readable id, e.g. "msw_attention fp16 d=64 BLOCK_M=128 BLOCK_N=64 w4 s3"
+    fn: object  # the @triton.jit function
+    # argument name -> Triton type string ("*fp16", "i32", "fp32", ...), non-constexpr args. Pointers are
+    # compiled as 16-byte aligned (as a launch with fresh torch tensors specializes them); "i32:16" marks
+    # an int the launcher guarantees to be a multiple of 16.
+    signature: dict
+    constexprs: dict = field(default_factory=dict)  # constexpr argument name -> value
+    num_warps: int = 4
+    num_stages: int = 3
+    uses_tensor_cores: bool = True  # its tl.dot calls must become wgmma on sm_90 / mma on sm_80

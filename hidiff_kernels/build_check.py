@@ -26,22 +26,10 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class KernelBuild:
-    name: str  # readable id, e.g. "msw_attention fp16 d=64 BLOCK_M=128 BLOCK_N=64 w4 s3"
-    fn: object  # the @triton.jit function
-    # argument name -> Triton type string ("*fp16", "i32", "fp32", ...), non-constexpr args. Pointers are
-    # compiled as 16-byte aligned (as a launch with fresh torch tensors specializes them); "i32:16" marks
-    # an int the launcher guarantees to be a multiple of 16.
-    signature: dict
-    constexprs: dict = field(default_factory=dict)  # constexpr argument name -> value
-    num_warps: int = 4
-    num_stages: int = 3
-    uses_tensor_cores: bool = True  # its tl.dot calls must become wgmma on sm_90 / mma on sm_80
+from ._common import KernelBuild  # kept there: the ops need it, and importing them must not import this module
 
 
 ARCHS = (90, 80)

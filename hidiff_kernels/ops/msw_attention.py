@@ -15,10 +15,9 @@ import triton.language as tl
 
 from .. import reference
 from .._common import (
-    TRITON_DTYPES, autotune_enabled, check_int32_span, check_msw_args, check_no_grad, interpreter_enabled,
+    TRITON_DTYPES, KernelBuild, autotune_enabled, check_int32_span, check_msw_args, check_no_grad, interpreter_enabled,
     launch_device, triton_runs_on,
 )
-from ..build_check import KernelBuild
 
 _OP = "msw_attention"
 _LOG2E = 1.4426950408889634

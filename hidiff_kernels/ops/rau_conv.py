@@ -17,10 +17,9 @@ from torch._prims_common import suggest_memory_format
 
 from .. import reference
 from .._common import (
-    TRITON_DTYPES, autotune_enabled, check_conv_args, check_int32_span, check_no_grad, interpreter_enabled,
+    TRITON_DTYPES, KernelBuild, autotune_enabled, check_conv_args, check_int32_span, check_no_grad, interpreter_enabled,
     launch_device, triton_runs_on,
 )
-from ..build_check import KernelBuild
 
 
 # Pixel counts and map sizes only enter index arithmetic (no loads are aligned by them): no variant per size.
