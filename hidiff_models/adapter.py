@@ -452,31 +452,38 @@ def _name_or_path(pipe, unet):
     return str(getattr(pipe, "name_or_path", None) or getattr(unet.config, "_name_or_path", None) or "")
 
 
-def _detected_family(unet):
-    """'sd15' or 'sdxl' from the block layout and addition_embed_type, else None."""
-    config = unet.config
+def _detected_family(config):
+    """'sd15' or 'sdxl' from a UNet config's block layout and addition_embed_type, else None."""
     for family in ("sd15", "sdxl"):
         layout = LAYOUTS[family]
-        if (tuple(config.down_block_types) == layout.down_block_types
-                and tuple(config.up_block_types) == layout.up_block_types
-                and (config.addition_embed_type == "text_time") == layout.text_time):
+        if (tuple(config.get("down_block_types") or ()) == layout.down_block_types
+                and tuple(config.get("up_block_types") or ()) == layout.up_block_types
+                and (config.get("addition_embed_type") == "text_time") == layout.text_time):
             return family
     return None
+
+
+def detected_model_type(config, name_or_path=""):
+    """The model type apply_hidiffusion takes, when not given one, for a UNet of this config (the UNet's
+    ``config`` or its config.json as a dict): its family, SDXL-Turbo for an SDXL UNet with "turbo" in
+    ``name_or_path``. ValueError for a UNet HiDiffusion does not support."""
+    family = _detected_family(config)
+    if family is None:
+        raise ValueError(
+            "HiDiffusion supports the SD1.5/SD2.x and SDXL UNet layouts; this UNet has down blocks "
+            f"{tuple(config.get('down_block_types') or ())}, up blocks {tuple(config.get('up_block_types') or ())}, "
+            f"addition_embed_type {config.get('addition_embed_type')!r}"
+        )
+    return "sdxl_turbo" if family == "sdxl" and "turbo" in name_or_path.lower() else family
 
 
 def _resolve_model_type(pipe, unet, model_type):
     if model_type is not None and model_type not in MODEL_TYPES:
         raise ValueError(f"unknown model_type {model_type!r}; expected one of {MODEL_TYPES} or None")
-    family = _detected_family(unet)
-    if family is None:
-        raise ValueError(
-            "HiDiffusion supports the SD1.5/SD2.x and SDXL UNet layouts; this UNet has down blocks "
-            f"{tuple(unet.config.down_block_types)}, up blocks {tuple(unet.config.up_block_types)}, "
-            f"addition_embed_type {unet.config.addition_embed_type!r}"
-        )
+    detected = detected_model_type(unet.config, _name_or_path(pipe, unet))
     if model_type is None:
-        turbo = "turbo" in _name_or_path(pipe, unet).lower()
-        return "sdxl_turbo" if family == "sdxl" and turbo else family
+        return detected
+    family = _detected_family(unet.config)
     if (model_type == "sd15") != (family == "sd15"):
         raise ValueError(f"model_type {model_type!r} does not match this UNet's {family} architecture")
     return model_type

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import hidiff_kernels
 from hidiff_kernels.benchmarking import rel_err, timed_call_ms
 
+from .adapter import detected_model_type
 from .cli import UserError
 from .configs import build_unet
 from .schedule import active_ops
@@ -275,16 +276,14 @@ def torch_dtype_quiet():
         yield
 
 
-def family_of(unet_config) -> str:
-    """'sdxl' for a UNet config with SDXL's text/time conditioning, else 'sd15' (SD1.x/2.x)."""
-    return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd15"
-
-
 def local_model_type(path) -> str:
-    """The model type of a local diffusers folder's UNet, from its config alone (before loading the weights):
-    its family, SDXL-Turbo for an SDXL UNet with "turbo" in the path (apply_hidiffusion's rule)."""
-    family = family_of(json.loads((unet_folder(path) / "config.json").read_text()))
-    return "sdxl_turbo" if family == "sdxl" and "turbo" in str(path).lower() else family
+    """The model type of a local diffusers folder's UNet from its config alone, before the weights load: as
+    apply_hidiffusion detects it (SDXL-Turbo by "turbo" in the path); an unsupported UNet is refused."""
+    config = json.loads((unet_folder(path) / "config.json").read_text())
+    try:
+        return detected_model_type(config, str(path))
+    except ValueError as e:
+        raise UserError(f"--model {path}: {e}") from None
 
 
 def unet_inputs(unet, latent_hw, device, dtype, seed=0):

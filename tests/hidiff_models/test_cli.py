@@ -320,6 +320,19 @@ def test_output_paths_are_checked_before_the_run(capsys, tmp_path, tiny_pipeline
     assert_one_line_error(code, err, "--json", "the file exists and is not writable")
 
 
+def test_bench_refuses_an_unsupported_local_unet_before_loading_it(capsys, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel(block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, norm_num_groups=8,
+                         cross_attention_dim=8, attention_head_dim=2, sample_size=8).save_pretrained(tmp_path / "unet")
+    code, _, err = run_main(capsys, "bench", "--model", str(tmp_path), "--device", "cpu", "--sizes", "64",
+                            "--repeats", "1", "--no-kernels", "--json", str(tmp_path / "b.json"))
+    assert_one_line_error(code, err, f"--model {tmp_path}", "SD1.5/SD2.x and SDXL UNet layouts",
+                          "('CrossAttnDownBlock2D', 'DownBlock2D')")  # one line: nothing loaded or timed
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_bench_of_a_local_unet_follows_its_model_type(capsys, tmp_path, applied_model_types):
     from hidiff_models.configs import build_unet
 
