@@ -6,6 +6,7 @@ Errors are one line on stderr (exit status 2 for bad arguments or inputs, 1 for 
 set HIDIFF_DEBUG=1 to see the traceback instead.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -208,6 +209,12 @@ def check_pipeline_path(path):
 
     if not has_weights(unet):
         raise UserError(f"--model {path}: no UNet weights (expected {unet}/diffusion_pytorch_model.safetensors)")
+    from .adapter import detected_model_type
+
+    try:  # an unsupported UNet is refused before the pipeline loads
+        detected_model_type(json.loads((unet / "config.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {path}: {_first_line(e)}") from None
     return p
 
 

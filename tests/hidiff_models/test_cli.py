@@ -320,7 +320,7 @@ def test_output_paths_are_checked_before_the_run(capsys, tmp_path, tiny_pipeline
     assert_one_line_error(code, err, "--json", "the file exists and is not writable")
 
 
-def test_bench_refuses_an_unsupported_local_unet_before_loading_it(capsys, tmp_path):
+def test_an_unsupported_local_unet_is_refused_before_loading_it(capsys, tmp_path):
     from diffusers import UNet2DConditionModel
 
     UNet2DConditionModel(block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -331,6 +331,10 @@ def test_bench_refuses_an_unsupported_local_unet_before_loading_it(capsys, tmp_p
     assert_one_line_error(code, err, f"--model {tmp_path}", "SD1.5/SD2.x and SDXL UNet layouts",
                           "('CrossAttnDownBlock2D', 'DownBlock2D')")  # one line: nothing loaded or timed
     assert not (tmp_path / "b.json").exists()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    code, _, err = run_main(capsys, "generate", "--model", str(tmp_path), "--prompt", "x", "--height", "64",
+                            "--width", "64", "--device", "cpu")
+    assert_one_line_error(code, err, f"--model {tmp_path}", "SD1.5/SD2.x and SDXL UNet layouts")
 
 
 def test_bench_of_a_local_unet_follows_its_model_type(capsys, tmp_path, applied_model_types):
