@@ -31,7 +31,7 @@ _PATCHING = threading.RLock()  # one apply or remove at a time, whatever thread 
 
 @dataclass(frozen=True)
 class Layout:
-    """The modules HiDiffusion patches in one model family (docs/hidiffusion-method.md)."""
+    """The modules HiDiffusion patches in one model family (those of the original implementation)."""
 
     down_block_types: tuple
     up_block_types: tuple

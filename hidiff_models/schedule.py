@@ -1,8 +1,8 @@
 """When each RAU-Net operation is active: a pure function of the model, the latent size and the step.
 
-Follows the tables of docs/hidiffusion-method.md. ``T = int(n * ratio)`` and an operation is active while
-``step < T``; the float products are the original
-implementation's (e.g. ``int(90 * 0.7) == 62``).
+Follows the original implementation's tables (megvii-research/HiDiffusion; written down in
+../shared/docs/hidiffusion-method.md beside this repository). ``T = int(n * ratio)`` and an operation is
+active while ``step < T``; the float products are the original implementation's (e.g. ``int(90 * 0.7) == 62``).
 """
 from dataclasses import dataclass
 

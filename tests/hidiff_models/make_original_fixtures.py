@@ -85,7 +85,7 @@ def save_fixture(out, name):
 
 def main():
     # Odd feature maps make the original resize them bicubically, which hidiff deliberately does not do
-    # (docs/hidiffusion-method.md): the cases must not go there.
+    # (../shared/docs/hidiffusion-method.md): the cases must not go there.
     warnings.filterwarnings("error", message="HiDiffusion Warning")
     out = {"vanilla": {}, "original": {}}
     for model, h, w in fl.SIZES:

@@ -1,4 +1,4 @@
-"""RAU-Net schedule tables, written out by hand from docs/hidiffusion-method.md (not recomputed)."""
+"""RAU-Net schedule tables, written out by hand from ../shared/docs/hidiffusion-method.md (not recomputed)."""
 import pytest
 
 from hidiff_models.schedule import ActiveOps, active_ops, profile
