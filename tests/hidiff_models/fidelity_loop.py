@@ -35,6 +35,10 @@ CASES = [
     for k in ks
 ]
 SIZES = sorted({(model, h, w) for model, h, w, _ in CASES})
+# SD1.5's 2048 profile (RAD-pool too, from T2) needs latents of 256 and more. A profile is only its (T1, T2)
+# ratios, so these cases run small latents with the 1024 profile's ratios set to the 2048 profile's, on both
+# sides; 32x32 keeps every map even (odd ones make the original resize them).
+SD15_2048_RATIO_CASES = [("sd15", 32, 32, 1), ("sd21", 32, 32, 3)]
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 import fidelity_loop as fl  # beside this file (pytest puts the test directory on sys.path)
-from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
+from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion, schedule
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 FIXTURES = torch.load(HERE / "fixtures" / "original_latents.pt", weights_only=True)
+SD15_2048_RATIO_FIXTURES = torch.load(HERE / "fixtures" / "original_sd15_2048_ratios.pt", weights_only=True)
 TOL = 1e-5
 
 
@@ -35,6 +36,9 @@ def test_fixtures_cover_the_cases():
     # The recorded cases are the ones fidelity_loop defines (regenerate the fixtures after changing them).
     assert [tuple(c) for c in FIXTURES["meta"]["cases"]] == fl.CASES
     assert FIXTURES["meta"]["num_steps"] == fl.NUM_STEPS and FIXTURES["meta"]["ddim"] == fl.DDIM_CONFIG
+    meta = SD15_2048_RATIO_FIXTURES["meta"]
+    assert [tuple(c) for c in meta["cases"]] == fl.SD15_2048_RATIO_CASES and meta["num_steps"] == fl.NUM_STEPS
+    assert (meta["ratios"]["T1_ratio"], meta["ratios"]["T2_ratio"]) == schedule.RATIOS["sd15_2048"]
 
 
 @pytest.mark.parametrize("model,h,w,k", fl.CASES, ids=[fl.case_name(*c) for c in fl.CASES])
@@ -54,3 +58,12 @@ def test_vanilla_after_remove_matches_recorded_vanilla(model, h, w):
     remove_hidiffusion(unet)
     latents = fl.denoise(unet, fl.make_inputs(model, h, w))
     assert fl.rel_err(latents, FIXTURES["vanilla"][fl.case_name(model, h, w)]) < TOL
+
+
+@pytest.mark.parametrize("model,h,w,k", fl.SD15_2048_RATIO_CASES,
+                         ids=[fl.case_name(*c) for c in fl.SD15_2048_RATIO_CASES])
+def test_matches_original_with_sd15_2048_ratios(model, h, w, k, monkeypatch):
+    # SD1.5's 2048 profile: RAD-pool and RAU-interp (steps < T2) beside RAD-conv (steps < T1).
+    monkeypatch.setitem(schedule.RATIOS, "sd15_1024", schedule.RATIOS["sd15_2048"])
+    latents = run_hidiff(model, h, w, k)
+    assert fl.rel_err(latents, SD15_2048_RATIO_FIXTURES["original"][fl.case_name(model, h, w, k)]) < TOL
