@@ -35,10 +35,12 @@ CASES = [
     for k in ks
 ]
 SIZES = sorted({(model, h, w) for model, h, w, _ in CASES})
-# SD1.5's 2048 profile (RAD-pool too, from T2) needs latents of 256 and more. A profile is only its (T1, T2)
-# ratios, so these cases run small latents with the 1024 profile's ratios set to the 2048 profile's, on both
-# sides; 32x32 keeps every map even (odd ones make the original resize them).
-SD15_2048_RATIO_CASES = [("sd15", 32, 32, 1), ("sd21", 32, 32, 3)]
+# The profiles for 2048-px SD1.5 (RAD-pool too, from T2) and 4096-px SDXL (not aggressive) need latents of 256 /
+# 512 and more. A profile is only its (T1, T2) ratios and, for SDXL, whether it is aggressive, so these cases
+# run small latents with the small profile made the large one, on both sides; 32x32 keeps every map even (odd
+# ones make the original resize them).
+LARGE_PROFILE = {"sd15": "sd15_2048", "sd21": "sd15_2048", "sdxl": "sdxl_4096"}
+LARGE_PROFILE_CASES = [("sd15", 32, 32, 1), ("sd21", 32, 32, 3), ("sdxl", 32, 32, 2)]
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 

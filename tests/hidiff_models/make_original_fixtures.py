@@ -9,8 +9,8 @@ Runs in a separate environment with the original package (it imports only with d
 
 (from the repository root). Writes tests/hidiff_models/fixtures/original_latents.pt: final latents of
 each case in fidelity_loop.CASES with the original applied, the vanilla (unpatched) final latents per
-(model, size), and metadata; and fixtures/original_sd15_2048_ratios.pt: the same for
-fidelity_loop.SD15_2048_RATIO_CASES, run with SD1.5's 2048-profile ratios.
+(model, size), and metadata; and fixtures/original_large_profiles.pt: the same for
+fidelity_loop.LARGE_PROFILE_CASES, run under the models' large profiles.
 """
 import contextlib
 import pathlib
@@ -77,14 +77,17 @@ def run_original(model, inputs, k):
     return latents
 
 
-def run_original_with_sd15_2048_ratios(model, inputs, k):
+def run_original_with_large_profile(model, inputs, k):
+    """run_original with the small profile of the model made its large one (fidelity_loop.LARGE_PROFILE)."""
     ratios = original.switching_threshold_ratio_dict
-    saved = ratios["sd15_1024"]
-    ratios["sd15_1024"] = ratios["sd15_2048"]  # read at every call of the patched blocks
+    small = "sd15_1024" if model in ("sd15", "sd21") else "sdxl_2048"
+    saved = ratios[small], original.is_aggressive_raunet
+    ratios[small] = ratios[fl.LARGE_PROFILE[model]]  # both read at every call of the patched blocks
+    original.is_aggressive_raunet = False  # the large profiles never are
     try:
         return run_original(model, inputs, k)
     finally:
-        ratios["sd15_1024"] = saved
+        ratios[small], original.is_aggressive_raunet = saved
 
 
 def save_fixture(out, name):
@@ -126,17 +129,17 @@ def main():
     save_fixture(out, "original_latents.pt")
 
     out = {"original": {}}
-    for model, h, w, k in fl.SD15_2048_RATIO_CASES:
+    for model, h, w, k in fl.LARGE_PROFILE_CASES:
         inputs = fl.make_inputs(model, h, w)
-        latents = run_original_with_sd15_2048_ratios(model, inputs, k)
+        latents = run_original_with_large_profile(model, inputs, k)
         diff = fl.rel_err(latents, run_original(model, inputs, k))
-        print(f"{fl.case_name(model, h, w, k)}: |2048 ratios - 1024 ratios| / |1024 ratios| = {diff:.3f}", flush=True)
-        assert diff > 1e-2, "the 2048 profile's ratios had no visible effect: the test could not fail"
+        print(f"{fl.case_name(model, h, w, k)}: |large profile - small| / |small| = {diff:.3f}", flush=True)
+        assert diff > 1e-2, "the large profile had no visible effect: the test could not fail"
         out["original"][fl.case_name(model, h, w, k)] = latents
     out["meta"] = dict(diffusers=diffusers.__version__, hidiffusion=version("hidiffusion"), torch=str(torch.__version__),
-                       cases=fl.SD15_2048_RATIO_CASES, num_steps=fl.NUM_STEPS,
-                       ratios=original.switching_threshold_ratio_dict["sd15_2048"])
-    save_fixture(out, "original_sd15_2048_ratios.pt")
+                       cases=fl.LARGE_PROFILE_CASES, num_steps=fl.NUM_STEPS,
+                       ratios={p: original.switching_threshold_ratio_dict[p] for p in set(fl.LARGE_PROFILE.values())})
+    save_fixture(out, "original_large_profiles.pt")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion,
 HERE = pathlib.Path(__file__).resolve().parent
 
 FIXTURES = torch.load(HERE / "fixtures" / "original_latents.pt", weights_only=True)
-SD15_2048_RATIO_FIXTURES = torch.load(HERE / "fixtures" / "original_sd15_2048_ratios.pt", weights_only=True)
+LARGE_PROFILE_FIXTURES = torch.load(HERE / "fixtures" / "original_large_profiles.pt", weights_only=True)
 TOL = 1e-5
 
 
@@ -36,9 +36,10 @@ def test_fixtures_cover_the_cases():
     # The recorded cases are the ones fidelity_loop defines (regenerate the fixtures after changing them).
     assert [tuple(c) for c in FIXTURES["meta"]["cases"]] == fl.CASES
     assert FIXTURES["meta"]["num_steps"] == fl.NUM_STEPS and FIXTURES["meta"]["ddim"] == fl.DDIM_CONFIG
-    meta = SD15_2048_RATIO_FIXTURES["meta"]
-    assert [tuple(c) for c in meta["cases"]] == fl.SD15_2048_RATIO_CASES and meta["num_steps"] == fl.NUM_STEPS
-    assert (meta["ratios"]["T1_ratio"], meta["ratios"]["T2_ratio"]) == schedule.RATIOS["sd15_2048"]
+    meta = LARGE_PROFILE_FIXTURES["meta"]
+    assert [tuple(c) for c in meta["cases"]] == fl.LARGE_PROFILE_CASES and meta["num_steps"] == fl.NUM_STEPS
+    assert {p: (r["T1_ratio"], r["T2_ratio"]) for p, r in meta["ratios"].items()} == {
+        p: schedule.RATIOS[p] for p in set(fl.LARGE_PROFILE.values())}
 
 
 @pytest.mark.parametrize("model,h,w,k", fl.CASES, ids=[fl.case_name(*c) for c in fl.CASES])
@@ -60,10 +61,10 @@ def test_vanilla_after_remove_matches_recorded_vanilla(model, h, w):
     assert fl.rel_err(latents, FIXTURES["vanilla"][fl.case_name(model, h, w)]) < TOL
 
 
-@pytest.mark.parametrize("model,h,w,k", fl.SD15_2048_RATIO_CASES,
-                         ids=[fl.case_name(*c) for c in fl.SD15_2048_RATIO_CASES])
-def test_matches_original_with_sd15_2048_ratios(model, h, w, k, monkeypatch):
-    # SD1.5's 2048 profile: RAD-pool and RAU-interp (steps < T2) beside RAD-conv (steps < T1).
-    monkeypatch.setitem(schedule.RATIOS, "sd15_1024", schedule.RATIOS["sd15_2048"])
+@pytest.mark.parametrize("model,h,w,k", fl.LARGE_PROFILE_CASES, ids=[fl.case_name(*c) for c in fl.LARGE_PROFILE_CASES])
+def test_matches_original_under_the_large_profiles(model, h, w, k, monkeypatch):
+    # 2048-px SD1.5: RAD-pool and RAU-interp (steps < T2) beside RAD-conv (steps < T1); 4096-px SDXL: not
+    # aggressive, RAD-conv (steps < T2) beside RAD-pool (steps < T1).
+    monkeypatch.setattr(schedule, "profile", lambda model_type, height, width: fl.LARGE_PROFILE[model])
     latents = run_hidiff(model, h, w, k)
-    assert fl.rel_err(latents, SD15_2048_RATIO_FIXTURES["original"][fl.case_name(model, h, w, k)]) < TOL
+    assert fl.rel_err(latents, LARGE_PROFILE_FIXTURES["original"][fl.case_name(model, h, w, k)]) < TOL
