@@ -26,14 +26,17 @@ DDIM_CONFIG = dict(
     prediction_type="epsilon",
 )
 # (model, latent height, latent width, window shift k). Every (model, size) also gets a vanilla run.
-# All latents are below the profiles' size thresholds (sd15, sd21 -> sd15_1024; sdxl -> sdxl_2048 aggressive),
-# as 64x64 would be, at a quarter of the cost; non-square sizes reach odd sizes deep in the UNet (x3).
+# All latents are below the profiles' size thresholds (sd15, sd21 -> sd15_1024; sdxl -> sdxl_2048 aggressive;
+# sdxl_turbo has one profile), as 64x64 would be, at a quarter of the cost; non-square sizes reach odd sizes
+# deep in the UNet (x3).
 CASES = [
     (model, h, w, k)
     for model in ("sd15", "sd21", "sdxl")
     for (h, w, ks) in ((32, 32, (0, 2)), (32, 24, (1, 3)), (24, 32, (2,)))
     for k in ks
-]
+] + [("sdxl_turbo", 32, 32, 1), ("sdxl_turbo", 32, 24, 3)]
+# SDXL-Turbo runs the SDXL layout (named as the original's official Turbo checkpoint, it gets Turbo's schedule).
+ARCHITECTURE = {"sdxl_turbo": "sdxl"}
 SIZES = sorted({(model, h, w) for model, h, w, _ in CASES})
 # The profiles for 2048-px SD1.5 (RAD-pool too, from T2) and 4096-px SDXL (not aggressive) need latents of 256 /
 # 512 and more. A profile is only its (T1, T2) ratios and, for SDXL, whether it is aggressive, so these cases
@@ -70,7 +73,7 @@ def single_thread():
 def build_unet(model: str):
     """The tiny built-in UNet with seeded weights, fp32, eval mode (a fresh one per run: the original
     keeps per-module state on the UNet)."""
-    return configs.build_unet(model, "tiny", seed=SEED)
+    return configs.build_unet(ARCHITECTURE.get(model, model), "tiny", seed=SEED)
 
 
 def case_name(model, h, w, k=None):
@@ -79,8 +82,9 @@ def case_name(model, h, w, k=None):
 
 def make_inputs(model: str, h: int, w: int):
     """Seeded initial latents [1, 4, h, w] and CFG conditioning for a batch of 2 ([uncond, cond])."""
-    gen = torch.Generator().manual_seed(1234 + 100 * h + w + (1 if model == "sdxl" else 0))
-    cfg = configs.unet_config(model, "tiny")
+    architecture = ARCHITECTURE.get(model, model)
+    gen = torch.Generator().manual_seed(1234 + 100 * h + w + (1 if architecture == "sdxl" else 0))
+    cfg = configs.unet_config(architecture, "tiny")
     inputs = dict(
         latents=torch.randn(1, 4, h, w, generator=gen),
         encoder_hidden_states=torch.randn(2, 77, cfg["cross_attention_dim"], generator=gen),

@@ -32,7 +32,7 @@ from importlib.metadata import version  # noqa: E402
 # narrow channels need no shortcut), so its module-name detection fails; and a bare UNet has no
 # name_or_path at all. Name the official checkpoints to select the model.
 NAME_OR_PATH = {"sd15": "runwayml/stable-diffusion-v1-5", "sd21": "stabilityai/stable-diffusion-2-1-base",
-                "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+                "sdxl": "stabilityai/stable-diffusion-xl-base-1.0", "sdxl_turbo": "stabilityai/sdxl-turbo"}
 # The original picks the window shift k from torch.rand(1) in {<=.25, <=.5, <=.75, else}.
 RAND_FOR_SHIFT = {0: 0.1, 1: 0.3, 2: 0.6, 3: 0.9}
 
@@ -71,8 +71,8 @@ def run_original(model, inputs, k):
     original.apply_hidiffusion(unet)
     with pinned_shift(k) as proxy:
         latents = fl.denoise(unet, inputs)
-    # 5 (sd15, sd21) or 10 (sdxl) MSW-MSA blocks per UNet call: proves the patched blocks ran with pinned k.
-    assert proxy.draws == fl.NUM_STEPS * (10 if model == "sdxl" else 5), proxy.draws
+    # 5 (sd15, sd21) or 10 (sdxl, sdxl_turbo) MSW-MSA blocks per UNet call: the patched blocks ran with pinned k.
+    assert proxy.draws == fl.NUM_STEPS * (10 if model.startswith("sdxl") else 5), proxy.draws
     assert_counters_wrapped(unet)
     return latents
 
