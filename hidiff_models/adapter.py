@@ -105,6 +105,8 @@ class HiDiffusionState:
         """Undo the patches on modules and pipelines; processors of this state brought back later by a snapshot
         of the UNet's processors run stock attention."""
         _undo_all(self.undo)
+        if self.rad_conv_site is not None:  # a deep copy taken during a RAD-conv call holds the LoRA convs widened
+            raunet.set_lora_down_geometry(raunet.lora_down_convs(*self.rad_conv_site), rad_conv=False)
         self.retired = True
 
     def __reduce_ex__(self, protocol):
@@ -467,6 +469,12 @@ def detected_model_type(config, name_or_path=""):
     """The model type apply_hidiffusion takes, when not given one, for a UNet of this config (the UNet's
     ``config`` or its config.json as a dict): its family, SDXL-Turbo for an SDXL UNet with "turbo" in
     ``name_or_path``. ValueError for a UNet HiDiffusion does not support."""
+    from diffusers import UNet2DConditionModel
+
+    # A config.json may leave out what equals UNet2DConditionModel's defaults: from_pretrained fills them in.
+    defaults = {p.name: p.default for p in inspect.signature(UNet2DConditionModel.__init__).parameters.values()
+                if p.default is not inspect.Parameter.empty}
+    config = {**defaults, **config}
     family = _detected_family(config)
     if family is None:
         raise ValueError(

@@ -344,6 +344,13 @@ def test_bench_of_a_local_unet_follows_its_model_type(capsys, tmp_path, applied_
     for folder in ("sdxl", "sdxl-turbo-copy"):
         unet.save_pretrained(tmp_path / folder / "unet")
     assert bench.local_model_type(tmp_path / "sdxl") == "sdxl"
+    sd15 = tmp_path / "sd15-sparse"  # a config.json without the values that equal diffusers' defaults
+    build_unet("sd15", "tiny").save_pretrained(sd15)
+    config = json.loads((sd15 / "config.json").read_text())
+    for key in ("down_block_types", "up_block_types", "addition_embed_type"):
+        del config[key]
+    (sd15 / "config.json").write_text(json.dumps(config))
+    assert bench.local_model_type(sd15) == "sd15"
     assert bench.local_model_type(tmp_path / "sdxl-turbo-copy") == "sdxl_turbo"  # apply_hidiffusion's rule
     cfg = bench.BenchConfig(models=["sdxl"], device="cuda", model_path=str(tmp_path / "sdxl"))
     assert bench._sizes_for(cfg, "sdxl") == [(2048, 2048), (4096, 4096)]  # SDXL's, not SD1.5's 1024 and 2048

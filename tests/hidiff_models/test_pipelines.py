@@ -534,18 +534,22 @@ def test_deep_copy_taken_during_a_rad_conv_call_runs_as_the_original(parts):
     unet = apply_hidiffusion(sd15_pipe(parts), backend="torch", window_shift=1).unet
     add_lora(unet, ["down_blocks.0.downsamplers.0.conv"])
     copies = []
-    unet.mid_block.register_forward_pre_hook(lambda module, args: None if copies else copies.append(copy.deepcopy(unet)))
+    unet.mid_block.register_forward_pre_hook(
+        lambda module, args: None if copies else copies.extend(copy.deepcopy(unet) for _ in range(2)))
     sample, context = torch.randn(1, 4, 16, 16), torch.randn(1, 7, 32)
     with torch.no_grad():
         with hidiff_models.denoising_step(unet, step=0, num_steps=10):
             unet(sample, 500, encoder_hidden_states=context)
-        twin, = copies
+        twin, removed = copies
+        remove_hidiffusion(removed)  # before any call of its own
         for step in (9, 0):  # RAD-conv off, then on
             outputs = []
             for model in (unet, twin):
                 with hidiff_models.denoising_step(model, step=step, num_steps=10):
                     outputs.append(model(sample, 500, encoder_hidden_states=context).sample)
             assert torch.equal(*outputs), step
+        expected = remove_hidiffusion(unet)(sample, 500, encoder_hidden_states=context).sample
+        assert torch.equal(removed(sample, 500, encoder_hidden_states=context).sample, expected)
     assert twin.down_blocks[0].downsamplers[0].conv.lora_A["default"].stride == (2, 2)
 
 
