@@ -84,7 +84,6 @@ class HiDiffusionState:
         self.phases = None  # window phase k of each processor for the UNet call in progress, on its device
         self.pre_pool_size = None
         self.rad_conv_site = None  # (downsampler, its conv) of RAD-conv, for LoRA convs beside the conv
-        self.lora_down_convs = []  # LoRA convs beside it, in RAD-conv's geometry or the conv's for this call
         self.undo = []  # undos of the patches on modules and pipelines, undone last first
         # The UNet's call: the _call_impl before apply, and the undo of its override (which a new apply keeps).
         self.untracked_call = None
@@ -106,7 +105,7 @@ class HiDiffusionState:
         of the UNet's processors run stock attention."""
         _undo_all(self.undo)
         if self.rad_conv_site is not None:  # a deep copy taken during a RAD-conv call holds the LoRA convs widened
-            raunet.set_lora_down_geometry(raunet.lora_down_convs(*self.rad_conv_site), rad_conv=False)
+            raunet.set_lora_down_geometry(*self.rad_conv_site, rad_conv=False)
         self.retired = True
 
     def __reduce_ex__(self, protocol):
@@ -180,14 +179,13 @@ class HiDiffusionState:
         if (rad_conv or self.ops.rad_pool) and _has_adapter_residuals(kwargs):
             raise ValueError(T2I_ADAPTER_REFUSAL)
         if self.rad_conv_site is not None:  # every call sets their geometry: a deep copy may hold them widened
-            self.lora_down_convs = raunet.lora_down_convs(*self.rad_conv_site)
-            raunet.set_lora_down_geometry(self.lora_down_convs, rad_conv)
+            raunet.set_lora_down_geometry(*self.rad_conv_site, rad_conv)
         return args, kwargs
 
     @torch.compiler.disable
     def after_unet(self):
-        raunet.set_lora_down_geometry(self.lora_down_convs, rad_conv=False)
-        self.lora_down_convs = []
+        if self.rad_conv_site is not None:
+            raunet.set_lora_down_geometry(*self.rad_conv_site, rad_conv=False)
         for attn, pag_processor in self.pag_sites:
             attn.processor = pag_processor
         self.pag_sites = []
@@ -491,7 +489,7 @@ def _resolve_model_type(pipe, unet, model_type):
     detected = detected_model_type(unet.config, _name_or_path(pipe, unet))
     if model_type is None:
         return detected
-    family = _detected_family(unet.config)
+    family = "sd15" if detected == "sd15" else "sdxl"
     if (model_type == "sd15") != (family == "sd15"):
         raise ValueError(f"model_type {model_type!r} does not match this UNet's {family} architecture")
     return model_type

@@ -65,18 +65,14 @@ def _rad_conv_forward(state, previous, x, weight, bias):
     return previous(x, weight, bias)
 
 
-def lora_down_convs(downsampler, conv):
-    """The 3x3 convs beside ``conv`` in ``downsampler`` (the down projections of a LoRA on it, peft's lora_A, whose
-    output is added to the conv's), in the downsampler's geometry or RAD-conv's: a deep copy taken while another
-    thread ran a RAD-conv UNet call holds them widened."""
-    return [m for m in downsampler.modules() if type(m) is nn.Conv2d and m is not conv and m.kernel_size == (3, 3)
-            and (m.stride, m.padding, m.dilation) in (DOWNSAMPLER_GEOMETRY, _RAD_GEOMETRY)]
-
-
-def set_lora_down_geometry(convs, rad_conv):
-    """RAD-conv's geometry (``rad_conv``) or the downsampler's for those convs."""
-    for m in convs:
-        m.stride, m.padding, m.dilation = _RAD_GEOMETRY if rad_conv else DOWNSAMPLER_GEOMETRY
+def set_lora_down_geometry(downsampler, conv, rad_conv):
+    """RAD-conv's geometry (``rad_conv``) or the downsampler's for the 3x3 convs beside ``conv`` in ``downsampler``
+    (the down projections of a LoRA on it, peft's lora_A, whose output is added to the conv's). They are found by
+    either geometry: a deep copy taken while another thread ran a RAD-conv UNet call holds them widened."""
+    for m in downsampler.modules():
+        if (type(m) is nn.Conv2d and m is not conv and m.kernel_size == (3, 3)
+                and (m.stride, m.padding, m.dilation) in (DOWNSAMPLER_GEOMETRY, _RAD_GEOMETRY)):
+            m.stride, m.padding, m.dilation = _RAD_GEOMETRY if rad_conv else DOWNSAMPLER_GEOMETRY
 
 
 def is_plain_upsampler(module) -> bool:
