@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -244,6 +245,25 @@ def has_weights(folder: Path) -> bool:
     return any(folder.glob("diffusion_pytorch_model*.safetensors")) or any(folder.glob("diffusion_pytorch_model*.bin"))
 
 
+# diffusion_pytorch_model.fp16.safetensors, a shard diffusion_pytorch_model.fp16-00001-of-00002.safetensors,
+# or a shard index diffusion_pytorch_model.safetensors.index.fp16.json
+_VARIANT_FILE = re.compile(r"diffusion_pytorch_model\.(?:(\w+?)(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
+                           r"|(?:safetensors|bin)\.index\.(\w+)\.json)")
+
+
+def weights_variant(folder: Path, dtype) -> str | None:
+    """The weights variant from_pretrained must be told to load a diffusers model folder: None when it holds
+    plain weights, else the variant its files are named with ("fp16" for diffusion_pytorch_model.fp16.safetensors,
+    as a download with variant="fp16" leaves them), the one named after ``dtype`` if there are several."""
+    plain = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+             "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+    if any((folder / name).is_file() for name in plain):
+        return None
+    variants = sorted({v for f in folder.iterdir() if (m := _VARIANT_FILE.fullmatch(f.name)) for v in m.groups() if v})
+    preferred = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype)
+    return preferred if preferred in variants else next(iter(variants), None)
+
+
 def unet_folder(path) -> Path:
     """The UNet folder of a local diffusers pipeline folder (its unet/) or UNet folder, after the cheap checks."""
     root = Path(path)
@@ -263,7 +283,8 @@ def load_local_unet(path, dtype, device):
 
     folder = unet_folder(path)
     with torch_dtype_quiet():
-        unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                    variant=weights_variant(folder, dtype))
     return unet.to(device).eval()
 
 

@@ -225,11 +225,12 @@ def load_pipeline(path, dtype):
         return _load_single_file(p, dtype)
     from diffusers import AutoPipelineForText2Image
 
-    from .bench import torch_dtype_quiet
+    from .bench import torch_dtype_quiet, weights_variant
 
     try:
         with torch_dtype_quiet():
-            return AutoPipelineForText2Image.from_pretrained(p, torch_dtype=dtype, local_files_only=True)
+            return AutoPipelineForText2Image.from_pretrained(p, torch_dtype=dtype, local_files_only=True,
+                                                             variant=weights_variant(p / "unet", dtype))
     except (OSError, ValueError) as e:
         raise UserError(f"--model {path}: could not load the pipeline: {_first_line(e)}") from None
 

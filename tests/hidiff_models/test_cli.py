@@ -1,5 +1,6 @@
 """The ``hidiff`` command: help texts, one-line errors, a tiny CPU bench run, generate with a tiny local pipeline."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -260,6 +261,38 @@ def test_generate_with_tiny_local_pipeline(capsys, tmp_path, tiny_pipeline):
     assert code == 0, err
     assert Image.open(output).size == (96, 64)
     assert "saved" in err
+
+
+def test_generate_and_bench_with_fp16_variant_weights(capsys, tmp_path, tiny_pipeline):
+    # A download with variant="fp16" leaves only model.fp16.safetensors-style files: from_pretrained finds none
+    # of its plain names unless told the variant.
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_pipeline, folder)
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_suffix(".fp16.safetensors"))
+    assert not any(folder.glob("unet/diffusion_pytorch_model.safetensors"))
+    code, _, err = run_main(capsys, "generate", "--model", str(folder), "--prompt", "a cat", "--height", "64",
+                            "--width", "64", "--steps", "2", "--device", "cpu", "--backend", "torch",
+                            "--output", str(tmp_path / "out.png"))
+    assert code == 0 and (tmp_path / "out.png").is_file(), err
+    code, _, err = run_main(capsys, "bench", "--model", str(folder), "--device", "cpu", "--sizes", "64",
+                            "--repeats", "1", "--threads", "1", "--no-kernels", "--json", str(tmp_path / "b.json"))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("files, dtype, variant", [
+    (["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"], torch.float16, None),
+    (["diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model-00001-of-00002.safetensors"],
+     torch.float16, None),
+    (["diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bf16.safetensors"], torch.bfloat16, "bf16"),
+    (["diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bf16.safetensors"], torch.float32, "bf16"),
+    (["diffusion_pytorch_model.safetensors.index.fp16.json", "diffusion_pytorch_model.fp16-00001-of-00002.safetensors"],
+     torch.float32, "fp16"),
+])
+def test_weights_variant_of_a_model_folder(tmp_path, files, dtype, variant):
+    for name in files + ["config.json"]:
+        (tmp_path / name).touch()
+    assert bench.weights_variant(tmp_path, dtype) == variant
 
 
 def test_bench_with_local_unet_folder(capsys, tmp_path, tiny_pipeline):
