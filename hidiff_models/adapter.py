@@ -157,9 +157,10 @@ class HiDiffusionState:
         replaced = self.replaced_window_sites()
         if replaced:
             warnings.warn(f"HiDiffusion: {replaced} of the {len(self.window_sites)} window-attention processors were "
-                          "replaced since apply_hidiffusion (set_attn_processor, fuse_qkv_projections, ...): "
-                          "those blocks attend over the whole map. Call apply_hidiffusion again to restore "
-                          "MSW-MSA.", stacklevel=2)
+                          "replaced since apply_hidiffusion: those blocks attend over the whole map. After "
+                          "set_attn_processor, fuse_qkv_projections and the like, call apply_hidiffusion again to "
+                          "restore MSW-MSA; a pipeline that sets its own processors at every call (LEdits++) runs "
+                          "without it.", stacklevel=2)
         if self.pinned_phase is None:
             phases = torch.randint(4, (len(self.window_sites),), generator=generator)
             # Pinned memory: the copy does not make the host wait for the work queued on the GPU.
@@ -247,6 +248,8 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     controlnet.check_sdxl_controlnet(pipe, model_type)
     if apply_raunet and getattr(pipe, "adapter", None) is not None:
         raise ValueError(T2I_ADAPTER_REFUSAL)
+    if apply_raunet and any(c.__name__ == "StableDiffusionAttendAndExcitePipeline" for c in type(pipe).__mro__):
+        raise ValueError(ATTEND_AND_EXCITE_REFUSAL)
 
     name_or_path = _name_or_path(pipe, unet).lower()
     state = HiDiffusionState(model_type, backend, apply_raunet, apply_window_attn, window_shift, seed,
@@ -382,6 +385,10 @@ def _transformer_of(block_name):
 T2I_ADAPTER_REFUSAL = (
     "HiDiffusion's RAU-Net shrinks the feature maps that T2I-Adapter residuals are added to, so it cannot run "
     "with a T2I-Adapter; apply_hidiffusion(..., apply_raunet=False) runs MSW-MSA alone with one")
+# Attend-and-Excite also sets its own attention processors at every call, so MSW-MSA never runs with it either.
+ATTEND_AND_EXCITE_REFUSAL = (
+    "HiDiffusion's RAU-Net changes the sizes of the attention maps that Attend-and-Excite aggregates (attn_res), "
+    "so it cannot run with that pipeline")
 
 
 def _by_name(unet, args, kwargs):
@@ -436,10 +443,10 @@ def _split(pipe_or_unet, compiled_ok=False):
     compiled = isinstance(getattr(unet, "_orig_mod", None), UNet2DConditionModel)
     unet = unet._orig_mod if compiled else unet
     if not isinstance(unet, UNet2DConditionModel) or (is_pipeline and not callable(pipe_or_unet)):
-        raise TypeError(
-            "HiDiffusion needs a diffusers UNet2DConditionModel or a pipeline with one as `.unet`, "
-            f"got {type(pipe_or_unet).__name__}"
-        )
+        got = type(pipe_or_unet).__name__
+        if is_pipeline and unet is not None:
+            got += f" (its .unet: {type(unet).__name__})"
+        raise TypeError(f"HiDiffusion needs a diffusers UNet2DConditionModel or a pipeline with one as `.unet`, got {got}")
     if not compiled_ok and STATE_ATTR not in unet.__dict__:
         if compiled:
             raise TypeError("this UNet is already compiled (torch.compile): apply HiDiffusion first, then compile")

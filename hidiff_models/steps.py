@@ -74,6 +74,13 @@ def current_step(unet, timestep):
 
 def _pipeline_step(call, timestep):
     """Step index and number of steps of the pipeline's current run, from its scheduler state."""
+    t = torch.as_tensor(timestep)
+    if t.numel() > 1 and not bool((t == t.flatten()[0]).all()):  # one sync, only for per-sample timesteps
+        raise ValueError(
+            "HiDiffusion: this UNet call denoises its samples at different timesteps (a pipeline that runs several "
+            "denoising steps in one call, as ParaDiGMS does): RAU-Net needs one step per call; "
+            "apply_hidiffusion(..., apply_raunet=False) runs MSW-MSA alone with it"
+        )
     scheduler = call.pipeline.scheduler
     timesteps = scheduler.timesteps
     start, n = _run_span(call, timestep)

@@ -477,6 +477,15 @@ def test_unsupported_models_are_refused(unets):
         with pytest.raises(TypeError, match="UNet2DConditionModel"):
             apply_hidiffusion(thing)
 
+    class MotionPipeline:  # as AnimateDiff's pipelines: a .unet of another class
+        unet = torch.nn.Linear(2, 2)
+
+        def __call__(self):
+            pass
+
+    with pytest.raises(TypeError, match=r"got MotionPipeline \(its .unet: Linear\)"):
+        apply_hidiffusion(MotionPipeline())
+
 
 def test_triton_without_interpreter_on_cpu_is_refused(unets, monkeypatch):
     monkeypatch.setattr(_common, "interpreter_enabled", lambda: False)

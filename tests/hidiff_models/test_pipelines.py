@@ -581,6 +581,22 @@ def test_t2i_adapter_needs_raunet_off(parts):
     assert torch.isfinite(unet_step(9)).all()  # RAU-Net off: the usual sizes
 
 
+def test_attend_and_excite_needs_raunet_off(parts):
+    # It aggregates the attention maps of one size (attn_res), which RAU-Net changes: with it, 4x6 maps at
+    # 64x96 px vanish and the pipeline failed in its own torch.cat. It also sets its own attention processors at
+    # every call, so MSW-MSA never runs there: the warning says so.
+    from diffusers import StableDiffusionAttendAndExcitePipeline
+
+    pipe = sd15_pipe(parts, cls=StableDiffusionAttendAndExcitePipeline)
+    with pytest.raises(ValueError, match="Attend-and-Excite"):
+        apply_hidiffusion(pipe, backend="torch")
+    assert type(pipe) is StableDiffusionAttendAndExcitePipeline and adapter.STATE_ATTR not in pipe.unet.__dict__
+    apply_hidiffusion(pipe, backend="torch", apply_raunet=False)
+    with pytest.warns(UserWarning, match="sets its own processors at every call"):
+        latents = generate(pipe, steps=2, width=96, token_indices=[2], attn_res=(4, 6), max_iter_to_alter=1)
+    assert torch.isfinite(latents).all()
+
+
 IMAGE_EMBED_DIM = 12
 
 
@@ -687,3 +703,15 @@ def test_reapply_with_another_seed_takes_it(parts):
     apply_hidiffusion(pipe, backend="torch", generator=2)
     fresh = apply_hidiffusion(sd15_pipe(parts), backend="torch", generator=2)
     assert torch.equal(generate(pipe), generate(fresh))
+
+
+def test_unet_calls_spanning_several_steps_are_refused_with_raunet(parts):
+    # ParaDiGMS denoises a window of steps in one UNet call (one timestep per sample): RAU-Net, which needs one
+    # step per call, refuses it instead of scheduling all the samples by the first one.
+    from diffusers import DDPMParallelScheduler, StableDiffusionParadigmsPipeline
+
+    pipe = apply_hidiffusion(sd15_pipe(parts, StableDiffusionParadigmsPipeline, DDPMParallelScheduler), backend="torch")
+    with pytest.raises(ValueError, match="different timesteps.*apply_raunet=False"):
+        generate(pipe, steps=6, parallel=3)
+    apply_hidiffusion(pipe, backend="torch", apply_raunet=False)
+    assert torch.isfinite(generate(pipe, steps=6, parallel=3)).all()
