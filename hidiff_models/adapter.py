@@ -227,7 +227,7 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     MSW-MSA) or "auto" (Triton for CUDA tensors). window_shift: None draws the window phase k in {0..3} per
     block call from the adapter's own generator (seeded by ``generator``, an int or a torch.Generator,
     restarted for every pipeline call); an int pins k. model_type: "sd15" (also SD2.x), "sdxl",
-    "sdxl_turbo", or None to detect (SDXL-Turbo only by "turbo" in the pipeline's or UNet's name or path).
+    "sdxl_turbo", or None to detect (SDXL-Turbo only by "turbo" in the checkpoint's name: ``checkpoint_name``).
 
     Pipelines may share the UNet (``from_pipe``) and call it from several threads. Applying to a UNet already
     patched with the same settings only adds the pipeline; other settings patch the UNet anew, for every
@@ -251,9 +251,9 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     if apply_raunet and any(c.__name__ == "StableDiffusionAttendAndExcitePipeline" for c in type(pipe).__mro__):
         raise ValueError(ATTEND_AND_EXCITE_REFUSAL)
 
-    name_or_path = _name_or_path(pipe, unet).lower()
+    playground = "playground" in checkpoint_name(_name_or_path(pipe, unet))
     state = HiDiffusionState(model_type, backend, apply_raunet, apply_window_attn, window_shift, seed,
-                             inpainting=unet.config.in_channels == 9, playground="playground" in name_or_path)
+                             inpainting=unet.config.in_channels == 9, playground=playground)
     with _PATCHING, state.call_lock:  # a call in another thread that finds the new state waits for its install
         current = unet.__dict__.get(STATE_ATTR)
         try:
@@ -459,6 +459,18 @@ def _name_or_path(pipe, unet):
     return str(getattr(pipe, "name_or_path", None) or getattr(unet.config, "_name_or_path", None) or "")
 
 
+def checkpoint_name(name_or_path: str) -> str:
+    """The lowercase name of a checkpoint from its hub id or local path: the last part (the folder above a unet/
+    folder), or in a Hugging Face cache snapshot (.../models--org--name/snapshots/<revision>) models--org--name.
+    The other folders of a local path are not the model's name."""
+    parts = [p for p in name_or_path.replace("\\", "/").lower().split("/") if p not in ("", ".")]
+    if parts and parts[-1] == "unet":
+        parts.pop()
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3]
+    return parts[-1] if parts else ""
+
+
 def _detected_family(config):
     """'sd15' or 'sdxl' from a UNet config's block layout and addition_embed_type, else None."""
     for family in ("sd15", "sdxl"):
@@ -472,8 +484,8 @@ def _detected_family(config):
 
 def detected_model_type(config, name_or_path=""):
     """The model type apply_hidiffusion takes, when not given one, for a UNet of this config (the UNet's
-    ``config`` or its config.json as a dict): its family, SDXL-Turbo for an SDXL UNet with "turbo" in
-    ``name_or_path``. ValueError for a UNet HiDiffusion does not support."""
+    ``config`` or its config.json as a dict): its family, SDXL-Turbo for an SDXL UNet with "turbo" in the
+    checkpoint's name (``checkpoint_name(name_or_path)``). ValueError for a UNet HiDiffusion does not support."""
     from diffusers import UNet2DConditionModel
 
     # A config.json may leave out what equals UNet2DConditionModel's defaults: from_pretrained fills them in.
@@ -487,7 +499,7 @@ def detected_model_type(config, name_or_path=""):
             f"{tuple(config.get('down_block_types') or ())}, up blocks {tuple(config.get('up_block_types') or ())}, "
             f"addition_embed_type {config.get('addition_embed_type')!r}"
         )
-    return "sdxl_turbo" if family == "sdxl" and "turbo" in name_or_path.lower() else family
+    return "sdxl_turbo" if family == "sdxl" and "turbo" in checkpoint_name(name_or_path) else family
 
 
 def _resolve_model_type(pipe, unet, model_type):

@@ -42,7 +42,7 @@ import hidiff_kernels
 from hidiff_kernels.benchmarking import rel_err, timed_call_ms
 
 from .adapter import detected_model_type
-from .cli import UserError
+from .cli import UserError, _first_line
 from .configs import build_unet
 from .schedule import active_ops
 
@@ -240,9 +240,15 @@ def _load(cfg, model, dtype, device):
     return load_local_unet(cfg.model_path, dtype, device)
 
 
-def has_weights(folder: Path) -> bool:
-    """Whether a diffusers model folder holds weights (safetensors or .bin, sharded or not)."""
-    return any(folder.glob("diffusion_pytorch_model*.safetensors")) or any(folder.glob("diffusion_pytorch_model*.bin"))
+def missing_weights(folder: Path) -> str | None:
+    """What keeps a diffusers model folder from holding weights (safetensors or .bin, sharded or not), or None."""
+    files = [*folder.glob("diffusion_pytorch_model*.safetensors"), *folder.glob("diffusion_pytorch_model*.bin")]
+    broken = [f for f in files if not f.is_file()]
+    if broken:  # a Hugging Face cache snapshot links its files to blobs that an interrupted download lacks
+        return f"{broken[0]} is a broken link (an incomplete download?)"
+    if not files:
+        return f"no UNet weights in {folder} (diffusion_pytorch_model*.safetensors or .bin)"
+    return None
 
 
 # diffusion_pytorch_model.fp16.safetensors, a shard diffusion_pytorch_model.fp16-00001-of-00002.safetensors,
@@ -272,8 +278,9 @@ def unet_folder(path) -> Path:
     folder = root / "unet" if (root / "unet" / "config.json").is_file() else root
     if not (folder / "config.json").is_file():
         raise UserError(f"--model {path}: not a diffusers folder (no unet/config.json or config.json)")
-    if not has_weights(folder):
-        raise UserError(f"--model {path}: no UNet weights in {folder} (diffusion_pytorch_model*.safetensors/.bin)")
+    problem = missing_weights(folder)
+    if problem:
+        raise UserError(f"--model {path}: {problem}")
     return folder
 
 
@@ -282,9 +289,12 @@ def load_local_unet(path, dtype, device):
     from diffusers import UNet2DConditionModel
 
     folder = unet_folder(path)
-    with torch_dtype_quiet():
-        unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
-                                                    variant=weights_variant(folder, dtype))
+    try:
+        with torch_dtype_quiet():
+            unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
+                                                        variant=weights_variant(folder, dtype))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {path}: could not load the UNet: {_first_line(e)}") from None
     return unet.to(device).eval()
 
 
@@ -299,10 +309,11 @@ def torch_dtype_quiet():
 
 def local_model_type(path) -> str:
     """The model type of a local diffusers folder's UNet from its config alone, before the weights load: as
-    apply_hidiffusion detects it (SDXL-Turbo by "turbo" in the path); an unsupported UNet is refused."""
+    apply_hidiffusion detects it (SDXL-Turbo by "turbo" in the checkpoint folder's name); an unsupported UNet is
+    refused."""
     config = json.loads((unet_folder(path) / "config.json").read_text())
-    try:
-        return detected_model_type(config, str(path))
+    try:  # the absolute path: the checkpoint's name (SDXL-Turbo) is its folder's, even for "."
+        return detected_model_type(config, os.path.abspath(path))
     except ValueError as e:
         raise UserError(f"--model {path}: {e}") from None
 

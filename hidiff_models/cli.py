@@ -6,6 +6,7 @@ Errors are one line on stderr (exit status 2 for bad arguments or inputs, 1 for 
 set HIDIFF_DEBUG=1 to see the traceback instead.
 """
 import argparse
+import io
 import json
 import math
 import os
@@ -71,8 +72,9 @@ def build_parser():
     bench.add_argument("--model-type", choices=("sd15", "sd21", "sdxl", "sdxl_turbo", "all"), default="all",
                        help="built-in UNet(s) to time (default: all = sd15 and sdxl; sd21 on CUDA at 1536 and "
                             "3072 px; sdxl_turbo: SDXL's UNet with SDXL-Turbo's schedule, at 1024 and 2048 px); "
-                            "with --model, the model type ('all': detect it, SDXL-Turbo by 'turbo' in the path)")
-    bench.add_argument("--model", metavar="PATH",
+                            "with --model, the model type ('all': detect it, SDXL-Turbo by 'turbo' in the "
+                            "checkpoint folder's name)")
+    bench.add_argument("--model", metavar="PATH", type=os.path.expanduser,
                        help="a local diffusers pipeline folder (its unet/) or UNet folder instead of the "
                             "built-in UNets")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
@@ -96,10 +98,10 @@ def build_parser():
                        help="CPU threads for torch (default: torch's; 1 when other work keeps every core busy)")
     bench.add_argument("--no-kernels", dest="kernels", action="store_false",
                        help="time only the UNet step, not the individual ops")
-    bench.add_argument("--json", metavar="PATH", default=None,
+    bench.add_argument("--json", metavar="PATH", default=None, type=os.path.expanduser,
                        help="where to write all results as JSON (default: bench-results/bench.json)")
-    bench.add_argument("--plot", metavar="PATH", help="also draw a bar chart of the timings (PNG; needs matplotlib, "
-                                                     "pip install 'hidiff[plot]')")
+    bench.add_argument("--plot", metavar="PATH", type=os.path.expanduser,
+                       help="also draw a bar chart of the timings (PNG; needs matplotlib, pip install 'hidiff[plot]')")
     bench.set_defaults(func=cmd_bench)
 
     gen = sub.add_parser(
@@ -108,7 +110,8 @@ def build_parser():
         "diffusers pipeline folder (with model_index.json) or a single .safetensors file (single files need the "
         "model's configs in the local Hugging Face cache). Nothing is downloaded.",
     )
-    gen.add_argument("--model", metavar="PATH", required=True, help="diffusers pipeline folder or .safetensors file")
+    gen.add_argument("--model", metavar="PATH", required=True, type=os.path.expanduser,
+                     help="diffusers pipeline folder or .safetensors file")
     gen.add_argument("--prompt", required=True, help="the text prompt")
     gen.add_argument("--negative-prompt", default=None, help="what the image should not show")
     gen.add_argument("--height", type=int, default=2048, help="image height in pixels, multiple of 8 (default: 2048)")
@@ -118,7 +121,7 @@ def build_parser():
     gen.add_argument("--seed", type=_seed, default=0, help="seed of the initial noise and window shifts (default: 0)")
     gen.add_argument("--model-type", choices=("sd15", "sdxl", "sdxl_turbo"),
                      help="sd15 (also SD 2.x), sdxl or sdxl_turbo (default: from the UNet's architecture; "
-                          "SDXL-Turbo only when 'turbo' is in the path)")
+                          "SDXL-Turbo only when 'turbo' is in the checkpoint folder's name)")
     gen.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                      help="HiDiffusion ops: triton (fused kernels, CUDA), torch (plain PyTorch), auto (triton on CUDA)")
     gen.add_argument("--no-raunet", dest="raunet", action="store_false", help="MSW-MSA only, without RAU-Net")
@@ -126,7 +129,7 @@ def build_parser():
     gen.add_argument("--threads", type=_positive_int, metavar="N",
                      help="CPU threads for torch (default: torch's; 1 when other work keeps every core busy)")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
-    gen.add_argument("--output", default="hidiff.png", metavar="PNG",
+    gen.add_argument("--output", default="hidiff.png", metavar="PNG", type=os.path.expanduser,
                      help="where to save the image (default: hidiff.png)")
     gen.set_defaults(func=cmd_generate)
     return parser
@@ -189,40 +192,48 @@ def cmd_bench(args):
 
 
 def check_pipeline_path(path):
-    """The Path of a local diffusers pipeline folder or single checkpoint file, after the cheap checks."""
+    """(absolute Path, UNet family) of a local diffusers pipeline folder or single checkpoint file, after the
+    cheap checks: a text-to-image UNet of a supported layout."""
     from pathlib import Path
 
-    p = Path(path)
+    p = Path(os.path.abspath(path))  # absolute: the checkpoint's name (SDXL-Turbo) is its folder's, even for "."
     if not p.exists():
         raise UserError(f"--model {path}: no such file or folder")
     if p.is_file():
         if p.suffix != ".safetensors":
             raise UserError(f"--model {path}: expected a diffusers folder or a .safetensors file")
-        _checkpoint_keys(p)
-        return p
-    if not (p / "model_index.json").is_file():
-        hint = " (a UNet folder: hidiff bench --model takes it, generate needs the whole pipeline)" \
-            if (p / "config.json").is_file() else ""
-        raise UserError(f"--model {path}: not a diffusers pipeline folder (no model_index.json){hint}")
-    unet = p / "unet"
-    from .bench import has_weights
+        keys, in_channels = _checkpoint_keys(p)
+        family = "sdxl" if any(k.startswith("conditioner.") for k in keys) else "sd15"
+    else:
+        if not (p / "model_index.json").is_file():
+            hint = " (a UNet folder: hidiff bench --model takes it, generate needs the whole pipeline)" \
+                if (p / "config.json").is_file() else ""
+            raise UserError(f"--model {path}: not a diffusers pipeline folder (no model_index.json){hint}")
+        unet = p / "unet"
+        from .bench import missing_weights
 
-    if not has_weights(unet):
-        raise UserError(f"--model {path}: no UNet weights (expected {unet}/diffusion_pytorch_model.safetensors)")
-    from .adapter import detected_model_type
+        problem = missing_weights(unet)
+        if problem:
+            raise UserError(f"--model {path}: {problem}")
+        from .adapter import detected_model_type
 
-    try:  # an unsupported UNet is refused before the pipeline loads
-        detected_model_type(json.loads((unet / "config.json").read_text()))
-    except (OSError, ValueError) as e:
-        raise UserError(f"--model {path}: {_first_line(e)}") from None
-    return p
+        try:  # an unsupported UNet is refused before the pipeline loads
+            config = json.loads((unet / "config.json").read_text())
+            family = detected_model_type(config)
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model {path}: {_first_line(e)}") from None
+        in_channels = config.get("in_channels", 4)
+    if in_channels != 4:
+        raise UserError(f"--model {path}: its UNet takes {in_channels} input channels (an inpainting or "
+                        "image-conditioned model); generate is text-to-image")
+    return p, family
 
 
 def load_pipeline(path, dtype):
     """A text-to-image pipeline from a local diffusers folder or single .safetensors file; UserError if unusable."""
-    p = check_pipeline_path(path)
+    p, family = check_pipeline_path(path)
     if p.is_file():
-        return _load_single_file(p, dtype)
+        return _load_single_file(p, family, dtype)
     from diffusers import AutoPipelineForText2Image
 
     from .bench import torch_dtype_quiet, weights_variant
@@ -236,27 +247,27 @@ def load_pipeline(path, dtype):
 
 
 def _checkpoint_keys(p):
-    """The tensor names of a single-file .safetensors checkpoint that holds a Stable Diffusion UNet."""
+    """(tensor names, UNet input channels) of a single-file .safetensors checkpoint holding a Stable Diffusion UNet."""
     from safetensors import safe_open
 
+    first_conv = "model.diffusion_model.input_blocks.0.0.weight"
     try:
         with safe_open(str(p), framework="pt") as f:
             keys = list(f.keys())
+            in_channels = f.get_slice(first_conv).get_shape()[1] if first_conv in keys else 4
     except Exception as e:  # not a safetensors file at all
         raise UserError(f"--model {p}: not a readable .safetensors file: {_first_line(e)}") from None
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise UserError(f"--model {p}: no Stable Diffusion UNet weights (model.diffusion_model.*) in this file")
-    return keys
+    return keys, in_channels
 
 
-def _load_single_file(p, dtype):
+def _load_single_file(p, family, dtype):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .bench import torch_dtype_quiet
 
-    cls = StableDiffusionPipeline
-    if any(k.startswith("conditioner.") for k in _checkpoint_keys(p)):
-        cls = StableDiffusionXLPipeline
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     try:
         with torch_dtype_quiet():
             return cls.from_single_file(str(p), torch_dtype=dtype, local_files_only=True)
@@ -273,7 +284,11 @@ def cmd_generate(args):
         value = getattr(args, name)
         if value < 8 or value % 8:
             raise UserError(f"--{name} {value}: must be a positive multiple of 8")
-    check_pipeline_path(args.model)
+    _, family = check_pipeline_path(args.model)
+    from .bench import FAMILY
+
+    if args.model_type and FAMILY[args.model_type] != family:  # refused before the pipeline loads, not after
+        raise UserError(f"--model-type {args.model_type}: {args.model} holds a UNet of the {family} family")
     out = _output_path(args.output)
     device, dtype_name = _device_and_dtype(args)
     from .bench import DTYPES, cpu_threads, quiet_diffusers
@@ -315,9 +330,11 @@ def _output_path(path):
     if os.path.isdir(out):
         raise UserError(f"--output {path}: is a folder; give an image file name such as {path}/hidiff.png")
     extension = os.path.splitext(out)[1].lower()
-    if Image.registered_extensions().get(extension) not in Image.SAVE:
-        raise UserError(f"--output {path}: PIL cannot write {extension or 'a file without an extension'}; "
-                        "use .png, .jpg or .webp")
+    try:  # a format PIL knows may still refuse RGB images (.xbm): try one pixel
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=Image.registered_extensions()[extension])
+    except Exception:
+        raise UserError(f"--output {path}: PIL cannot write an RGB image as "
+                        f"{extension or 'a file without an extension'}; use .png, .jpg or .webp") from None
     _check_writable("--output", path)
     return out
 

@@ -319,7 +319,9 @@ def test_bench_triton_rows_pair_with_torch_rows():
 
 
 def test_generate_checks_output_and_numbers_before_loading(capsys, tmp_path, tiny_pipeline):
-    for output, fragment in ((tmp_path / "out.txt", "cannot write .txt"), (tmp_path, "is a folder")):
+    for output, fragment in ((tmp_path / "out.txt", "cannot write an RGB image as .txt"),
+                             (tmp_path / "out.xbm", "cannot write an RGB image as .xbm"),  # PIL's XBM is 1-bit
+                             (tmp_path, "is a folder")):
         code, _, err = run_main(capsys, "generate", "--model", str(tiny_pipeline), "--prompt", "x", "--output",
                                 str(output), "--height", "64", "--width", "64", "--steps", "1", "--device", "cpu")
         assert_one_line_error(code, err, "--output", fragment)  # one line: nothing was loaded or generated
@@ -334,7 +336,7 @@ def test_model_type_that_does_not_match_the_checkpoint_is_refused(capsys, tiny_p
     assert_one_line_error(code, err, "--model-type sdxl_turbo", "of the sd15 family")  # one line: before any timing
     code, _, err = run_main(capsys, "generate", "--model", str(tiny_pipeline), "--model-type", "sdxl",
                             "--prompt", "x", "--height", "64", "--width", "64", "--steps", "1", "--device", "cpu")
-    assert code == 2 and "HiDiffusion cannot be applied" in err and "does not match" in err
+    assert_one_line_error(code, err, "--model-type sdxl", "of the sd15 family")  # before the pipeline loads
 
 
 def test_output_paths_are_checked_before_the_run(capsys, tmp_path, tiny_pipeline, monkeypatch):
@@ -395,3 +397,69 @@ def test_bench_of_a_local_unet_follows_its_model_type(capsys, tmp_path, applied_
     assert applied_model_types == ["sdxl_turbo"]
     assert {r["model"] for r in json.loads((tmp_path / "b.json").read_text())["rows"]} == {
         f"sdxl_turbo ({tmp_path / 'sdxl-turbo-copy'})"}
+
+
+def fake_pipeline(folder, model="sd15", **config):
+    """A pipeline folder that passes the cheap checks (model_index.json, the UNet's config, a weights file that
+    is never loaded): for refusals that must come before loading."""
+    from hidiff_models.configs import unet_config
+
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (folder / "unet" / "config.json").write_text(json.dumps({**unet_config(model, "tiny"), **config}))
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"never loaded")
+    return folder
+
+
+def test_generate_refuses_before_loading(capsys, tmp_path):
+    # These failed only after the pipeline had loaded (minutes for a real SDXL) or, for bench, with a traceback.
+    generate = ("generate", "--prompt", "x", "--height", "64", "--width", "64", "--device", "cpu")
+    inpainting = fake_pipeline(tmp_path / "inpainting", in_channels=9)
+    code, _, err = run_main(capsys, *generate, "--model", str(inpainting))
+    assert_one_line_error(code, err, "9 input channels", "text-to-image")
+
+    from safetensors.torch import save_file
+
+    single = tmp_path / "inpainting.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3)}, str(single))
+    code, _, err = run_main(capsys, *generate, "--model", str(single))
+    assert_one_line_error(code, err, "9 input channels")
+
+    broken = fake_pipeline(tmp_path / "interrupted-download")
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(tmp_path / "blobs" / "never-downloaded")
+    code, _, err = run_main(capsys, *generate, "--model", str(broken))
+    assert_one_line_error(code, err, "broken link")
+    code, _, err = run_main(capsys, "bench", "--model", str(broken), "--device", "cpu")
+    assert_one_line_error(code, err, "broken link")
+
+
+def test_paths_starting_with_a_tilde_are_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    parser = cli.build_parser()
+    args = parser.parse_args(["generate", "--model", "~/sdxl", "--prompt", "x", "--output", "~/out.png"])
+    assert (args.model, args.output) == (str(tmp_path / "sdxl"), str(tmp_path / "out.png"))
+    args = parser.parse_args(["bench", "--model", "~/sdxl", "--json", "~/b.json", "--plot", "~/b.png"])
+    assert (args.model, args.json, args.plot) == tuple(str(tmp_path / n) for n in ("sdxl", "b.json", "b.png"))
+
+
+@pytest.mark.parametrize("name_or_path, name", [
+    ("stabilityai/sdxl-turbo", "sdxl-turbo"),
+    ("/home/me/turbo-experiments/sdxl-base", "sdxl-base"),  # a parent folder is not the model's name
+    ("/models/SDXL-Turbo/unet", "sdxl-turbo"),
+    ("/hf/hub/models--stabilityai--sdxl-turbo/snapshots/0123abcd", "models--stabilityai--sdxl-turbo"),
+    ("ckpt/sdxl-turbo/", "sdxl-turbo"),
+    ("", ""),
+])
+def test_checkpoint_name(name_or_path, name):
+    from hidiff_models.adapter import checkpoint_name
+
+    assert checkpoint_name(name_or_path) == name
+
+
+def test_turbo_is_detected_from_a_relative_path(monkeypatch, tmp_path):
+    turbo = fake_pipeline(tmp_path / "sdxl-turbo", "sdxl")
+    monkeypatch.chdir(turbo)
+    assert bench.local_model_type(".") == "sdxl_turbo"
+    assert cli.check_pipeline_path(".") == (turbo, "sdxl")
