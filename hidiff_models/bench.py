@@ -42,7 +42,7 @@ import hidiff_kernels
 from hidiff_kernels.benchmarking import rel_err, timed_call_ms
 
 from .adapter import detected_model_type
-from .cli import UserError, _first_line
+from .cli import UserError, _first_line, hf_cache_hint
 from .configs import build_unet
 from .schedule import active_ops
 
@@ -277,7 +277,8 @@ def unet_folder(path) -> Path:
         raise UserError(f"--model {path}: no such file or folder")
     folder = root / "unet" if (root / "unet" / "config.json").is_file() else root
     if not (folder / "config.json").is_file():
-        raise UserError(f"--model {path}: not a diffusers folder (no unet/config.json or config.json)")
+        raise UserError(f"--model {path}: not a diffusers folder (no unet/config.json or config.json)"
+                        + hf_cache_hint(root))
     problem = missing_weights(folder)
     if problem:
         raise UserError(f"--model {path}: {problem}")

@@ -206,8 +206,11 @@ def check_pipeline_path(path):
         family = "sdxl" if any(k.startswith("conditioner.") for k in keys) else "sd15"
     else:
         if not (p / "model_index.json").is_file():
-            hint = " (a UNet folder: hidiff bench --model takes it, generate needs the whole pipeline)" \
-                if (p / "config.json").is_file() else ""
+            hint = ""
+            if (p / "config.json").is_file():
+                hint = " (a UNet folder: hidiff bench --model takes it, generate needs the whole pipeline)"
+            else:
+                hint = hf_cache_hint(p)
             raise UserError(f"--model {path}: not a diffusers pipeline folder (no model_index.json){hint}")
         unet = p / "unet"
         from .bench import missing_weights
@@ -227,6 +230,12 @@ def check_pipeline_path(path):
         raise UserError(f"--model {path}: its UNet takes {in_channels} input channels (an inpainting or "
                         "image-conditioned model); generate is text-to-image")
     return p, family
+
+
+def hf_cache_hint(folder):
+    """A hint for a Hugging Face cache folder (models--org--name) given where its snapshot was meant."""
+    is_cache = (folder / "snapshots").is_dir()
+    return " (a Hugging Face cache folder: give its snapshots/<revision> folder)" if is_cache else ""
 
 
 def load_pipeline(path, dtype):
@@ -328,7 +337,8 @@ def _output_path(path):
 
     out = os.path.abspath(path)
     if os.path.isdir(out):
-        raise UserError(f"--output {path}: is a folder; give an image file name such as {path}/hidiff.png")
+        example = os.path.join(path, "hidiff.png")
+        raise UserError(f"--output {path}: is a folder; give an image file name such as {example}")
     extension = os.path.splitext(out)[1].lower()
     try:  # a format PIL knows may still refuse RGB images (.xbm): try one pixel
         Image.new("RGB", (1, 1)).save(io.BytesIO(), format=Image.registered_extensions()[extension])

@@ -435,6 +435,13 @@ def test_generate_refuses_before_loading(capsys, tmp_path):
     assert_one_line_error(code, err, "broken link")
 
 
+def test_a_hugging_face_cache_folder_points_to_its_snapshots(capsys, tmp_path):
+    (tmp_path / "models--org--name" / "snapshots" / "0123abcd").mkdir(parents=True)
+    for command in (("generate", "--prompt", "x"), ("bench",)):
+        code, _, err = run_main(capsys, *command, "--model", str(tmp_path / "models--org--name"))
+        assert_one_line_error(code, err, "give its snapshots/<revision> folder")
+
+
 def test_paths_starting_with_a_tilde_are_expanded(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     parser = cli.build_parser()
