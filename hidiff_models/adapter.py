@@ -22,7 +22,7 @@ from hidiff_kernels import triton_runs_on
 from . import controlnet, raunet, steps
 from .ops import BACKENDS
 from .processors import PAG_CHUNKS, PerturbedWindowAttnProcessor, WindowAttnProcessor
-from .schedule import MODEL_TYPES, ActiveOps, active_ops
+from .schedule import MODEL_TYPES, ActiveOps, active_ops, checkpoint_name
 
 STATE_ATTR = "_hidiffusion"
 INACTIVE = ActiveOps(rad_conv=False, rad_pool=False)
@@ -248,6 +248,7 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     controlnet.check_sdxl_controlnet(pipe, model_type)
     if apply_raunet and getattr(pipe, "adapter", None) is not None:
         raise ValueError(T2I_ADAPTER_REFUSAL)
+    # By name: the deprecated pipeline's import path has moved between diffusers releases.
     if apply_raunet and any(c.__name__ == "StableDiffusionAttendAndExcitePipeline" for c in type(pipe).__mro__):
         raise ValueError(ATTEND_AND_EXCITE_REFUSAL)
 
@@ -444,9 +445,10 @@ def _split(pipe_or_unet, compiled_ok=False):
     unet = unet._orig_mod if compiled else unet
     if not isinstance(unet, UNet2DConditionModel) or (is_pipeline and not callable(pipe_or_unet)):
         got = type(pipe_or_unet).__name__
-        if is_pipeline and unet is not None:
+        if is_pipeline and unet is not None and not isinstance(unet, UNet2DConditionModel):
             got += f" (its .unet: {type(unet).__name__})"
-        raise TypeError(f"HiDiffusion needs a diffusers UNet2DConditionModel or a pipeline with one as `.unet`, got {got}")
+        raise TypeError(
+            f"HiDiffusion needs a diffusers UNet2DConditionModel or a pipeline with one as `.unet`, got {got}")
     if not compiled_ok and STATE_ATTR not in unet.__dict__:
         if compiled:
             raise TypeError("this UNet is already compiled (torch.compile): apply HiDiffusion first, then compile")
@@ -457,18 +459,6 @@ def _split(pipe_or_unet, compiled_ok=False):
 
 def _name_or_path(pipe, unet):
     return str(getattr(pipe, "name_or_path", None) or getattr(unet.config, "_name_or_path", None) or "")
-
-
-def checkpoint_name(name_or_path: str) -> str:
-    """The lowercase name of a checkpoint from its hub id or local path: the last part (the folder above a unet/
-    folder), or in a Hugging Face cache snapshot (.../models--org--name/snapshots/<revision>) models--org--name.
-    The other folders of a local path are not the model's name."""
-    parts = [p for p in name_or_path.replace("\\", "/").lower().split("/") if p not in ("", ".")]
-    if parts and parts[-1] == "unet":
-        parts.pop()
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3]
-    return parts[-1] if parts else ""
 
 
 def _detected_family(config):

@@ -42,7 +42,7 @@ import hidiff_kernels
 from hidiff_kernels.benchmarking import rel_err, timed_call_ms
 
 from .adapter import detected_model_type
-from .cli import UserError, _first_line, hf_cache_hint
+from .cli import UserError, first_line, hf_cache_hint
 from .configs import build_unet
 from .schedule import active_ops
 
@@ -243,12 +243,11 @@ def _load(cfg, model, dtype, device):
 def missing_weights(folder: Path) -> str | None:
     """What keeps a diffusers model folder from holding weights (safetensors or .bin, sharded or not), or None."""
     files = [*folder.glob("diffusion_pytorch_model*.safetensors"), *folder.glob("diffusion_pytorch_model*.bin")]
-    broken = [f for f in files if not f.is_file()]
-    if broken:  # a Hugging Face cache snapshot links its files to blobs that an interrupted download lacks
-        return f"{broken[0]} is a broken link (an incomplete download?)"
-    if not files:
-        return f"no UNet weights in {folder} (diffusion_pytorch_model*.safetensors or .bin)"
-    return None
+    if any(f.is_file() for f in files):
+        return None
+    if files:  # a Hugging Face cache snapshot links its files to blobs, which may have been deleted
+        return f"{files[0]} is a broken link (its target is missing)"
+    return f"no UNet weights in {folder} (diffusion_pytorch_model*.safetensors or .bin)"
 
 
 # diffusion_pytorch_model.fp16.safetensors, a shard diffusion_pytorch_model.fp16-00001-of-00002.safetensors,
@@ -295,7 +294,7 @@ def load_local_unet(path, dtype, device):
             unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True,
                                                         variant=weights_variant(folder, dtype))
     except (OSError, ValueError) as e:
-        raise UserError(f"--model {path}: could not load the UNet: {_first_line(e)}") from None
+        raise UserError(f"--model {path}: could not load the UNet: {first_line(e)}") from None
     return unet.to(device).eval()
 
 

@@ -193,7 +193,8 @@ def cmd_bench(args):
 
 def check_pipeline_path(path):
     """(absolute Path, UNet family) of a local diffusers pipeline folder or single checkpoint file, after the
-    cheap checks: a text-to-image UNet of a supported layout."""
+    cheap checks: a text-to-image UNet (4 input channels) of a supported layout (a single file's family: SDXL
+    if it holds SDXL's text conditioner, else SD1.5)."""
     from pathlib import Path
 
     p = Path(os.path.abspath(path))  # absolute: the checkpoint's name (SDXL-Turbo) is its folder's, even for "."
@@ -206,7 +207,6 @@ def check_pipeline_path(path):
         family = "sdxl" if any(k.startswith("conditioner.") for k in keys) else "sd15"
     else:
         if not (p / "model_index.json").is_file():
-            hint = ""
             if (p / "config.json").is_file():
                 hint = " (a UNet folder: hidiff bench --model takes it, generate needs the whole pipeline)"
             else:
@@ -224,7 +224,7 @@ def check_pipeline_path(path):
             config = json.loads((unet / "config.json").read_text())
             family = detected_model_type(config)
         except (OSError, ValueError) as e:
-            raise UserError(f"--model {path}: {_first_line(e)}") from None
+            raise UserError(f"--model {path}: {first_line(e)}") from None
         in_channels = config.get("in_channels", 4)
     if in_channels != 4:
         raise UserError(f"--model {path}: its UNet takes {in_channels} input channels (an inpainting or "
@@ -238,9 +238,9 @@ def hf_cache_hint(folder):
     return " (a Hugging Face cache folder: give its snapshots/<revision> folder)" if is_cache else ""
 
 
-def load_pipeline(path, dtype):
-    """A text-to-image pipeline from a local diffusers folder or single .safetensors file; UserError if unusable."""
-    p, family = check_pipeline_path(path)
+def load_pipeline(p, family, dtype):
+    """A text-to-image pipeline from a local diffusers folder or single .safetensors file checked by
+    check_pipeline_path (its path and family); UserError if unusable."""
     if p.is_file():
         return _load_single_file(p, family, dtype)
     from diffusers import AutoPipelineForText2Image
@@ -252,7 +252,7 @@ def load_pipeline(path, dtype):
             return AutoPipelineForText2Image.from_pretrained(p, torch_dtype=dtype, local_files_only=True,
                                                              variant=weights_variant(p / "unet", dtype))
     except (OSError, ValueError) as e:
-        raise UserError(f"--model {path}: could not load the pipeline: {_first_line(e)}") from None
+        raise UserError(f"--model {p}: could not load the pipeline: {first_line(e)}") from None
 
 
 def _checkpoint_keys(p):
@@ -265,7 +265,7 @@ def _checkpoint_keys(p):
             keys = list(f.keys())
             in_channels = f.get_slice(first_conv).get_shape()[1] if first_conv in keys else 4
     except Exception as e:  # not a safetensors file at all
-        raise UserError(f"--model {p}: not a readable .safetensors file: {_first_line(e)}") from None
+        raise UserError(f"--model {p}: not a readable .safetensors file: {first_line(e)}") from None
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise UserError(f"--model {p}: no Stable Diffusion UNet weights (model.diffusion_model.*) in this file")
     return keys, in_channels
@@ -282,7 +282,7 @@ def _load_single_file(p, family, dtype):
             return cls.from_single_file(str(p), torch_dtype=dtype, local_files_only=True)
     except Exception as e:
         raise UserError(
-            f"--model {p}: could not load the single file offline ({_first_line(e)}); diffusers needs the model's "
+            f"--model {p}: could not load the single file offline ({first_line(e)}); diffusers needs the model's "
             "configs in the local Hugging Face cache for single files: use a diffusers folder instead") from None
 
 
@@ -293,7 +293,7 @@ def cmd_generate(args):
         value = getattr(args, name)
         if value < 8 or value % 8:
             raise UserError(f"--{name} {value}: must be a positive multiple of 8")
-    _, family = check_pipeline_path(args.model)
+    model, family = check_pipeline_path(args.model)
     from .bench import FAMILY
 
     if args.model_type and FAMILY[args.model_type] != family:  # refused before the pipeline loads, not after
@@ -308,14 +308,14 @@ def cmd_generate(args):
     started = time.perf_counter()
     print(f"loading {args.model} ({dtype_name}, {device})", file=sys.stderr)
     with quiet_diffusers():
-        pipe = load_pipeline(args.model, DTYPES[dtype_name]).to(device)
+        pipe = load_pipeline(model, family, DTYPES[dtype_name]).to(device)
     from . import apply_hidiffusion
 
     try:
         apply_hidiffusion(pipe, backend=args.backend, apply_raunet=args.raunet, generator=args.seed,
                           model_type=args.model_type)
     except ValueError as e:
-        raise UserError(f"HiDiffusion cannot be applied: {_first_line(e)}") from None
+        raise UserError(f"HiDiffusion cannot be applied: {first_line(e)}") from None
     if args.height * args.width > 2048 * 2048 and hasattr(pipe, "enable_vae_tiling"):
         pipe.enable_vae_tiling()  # decoding a 4096² image in one piece needs tens of GB
         print("VAE tiling on (image larger than 2048x2048)", file=sys.stderr)
@@ -373,7 +373,7 @@ def _check_writable(option, path):
         raise UserError(f"{option} {path}: cannot write in {folder} ({e.strerror or e})") from None
 
 
-def _first_line(error):
+def first_line(error):
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -393,7 +393,7 @@ def main(argv=None):
     except Exception as e:
         if os.environ.get("HIDIFF_DEBUG"):
             raise
-        print(f"hidiff {args.command}: error: {type(e).__name__}: {_first_line(e)} "
+        print(f"hidiff {args.command}: error: {type(e).__name__}: {first_line(e)} "
               "(set HIDIFF_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
 

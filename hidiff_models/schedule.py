@@ -60,3 +60,15 @@ def active_ops(model_type, height, width, step, n, *, controlnet=False, inpainti
         aggressive_start = int(AGGRESSIVE_STEP_FRACTION * n)
         return ActiveOps(rad_conv=step < aggressive_start, rad_pool=aggressive_start <= step < t1)
     return ActiveOps(rad_conv=step < t2, rad_pool=step < t1)
+
+
+def checkpoint_name(name_or_path: str) -> str:
+    """SDXL-Turbo and Playground models are known by "turbo" / "playground" in this: the lowercase name of a checkpoint from its hub id or local path: the last part (the folder above a unet/
+    folder), or in a Hugging Face cache snapshot (.../models--org--name/snapshots/<revision>) models--org--name.
+    The other folders of a local path are not the model's name."""
+    parts = [p for p in name_or_path.replace("\\", "/").lower().split("/") if p not in ("", ".")]
+    if parts and parts[-1] == "unet":
+        parts.pop()
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3]
+    return parts[-1] if parts else ""

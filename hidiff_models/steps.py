@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .schedule import checkpoint_name
+
 _explicit_steps = contextvars.ContextVar("hidiff_explicit_steps", default=())
 _pipeline_call = contextvars.ContextVar("hidiff_pipeline_call", default=None)
 
@@ -73,7 +75,8 @@ def current_step(unet, timestep):
 
 
 def _pipeline_step(call, timestep):
-    """Step index and number of steps of the pipeline's current run, from its scheduler state."""
+    """Step index and number of steps of the pipeline's current run, from its scheduler state; ValueError for a
+    call whose samples are at different timesteps."""
     t = torch.as_tensor(timestep)
     if t.numel() > 1 and not bool((t == t.flatten()[0]).all()):  # one sync, only for per-sample timesteps
         raise ValueError(
@@ -195,9 +198,8 @@ def pipeline_flags(pipe):
     """The schedule variants a pipeline selects: ControlNet text-to-image, inpainting, Playground."""
     class_name = untracked_class(type(pipe)).__name__
     image_to_image = "Img2Img" in class_name or "Inpaint" in class_name
-    name_or_path = str(getattr(pipe, "name_or_path", "") or "").lower()
     return dict(
         controlnet=getattr(pipe, "controlnet", None) is not None and not image_to_image,
         inpainting="Inpaint" in class_name,
-        playground="playground" in name_or_path,
+        playground="playground" in checkpoint_name(str(getattr(pipe, "name_or_path", "") or "")),
     )

@@ -433,6 +433,9 @@ def test_generate_refuses_before_loading(capsys, tmp_path):
     assert_one_line_error(code, err, "broken link")
     code, _, err = run_main(capsys, "bench", "--model", str(broken), "--device", "cpu")
     assert_one_line_error(code, err, "broken link")
+    intact = fake_pipeline(tmp_path / "intact")  # beside intact weights, a broken link of another variant is no matter
+    (intact / "unet" / "diffusion_pytorch_model.fp16.safetensors").symlink_to(tmp_path / "blobs" / "deleted")
+    assert cli.check_pipeline_path(intact) == (intact, "sd15")
 
 
 def test_a_hugging_face_cache_folder_points_to_its_snapshots(capsys, tmp_path):
@@ -449,20 +452,6 @@ def test_paths_starting_with_a_tilde_are_expanded(monkeypatch, tmp_path):
     assert (args.model, args.output) == (str(tmp_path / "sdxl"), str(tmp_path / "out.png"))
     args = parser.parse_args(["bench", "--model", "~/sdxl", "--json", "~/b.json", "--plot", "~/b.png"])
     assert (args.model, args.json, args.plot) == tuple(str(tmp_path / n) for n in ("sdxl", "b.json", "b.png"))
-
-
-@pytest.mark.parametrize("name_or_path, name", [
-    ("stabilityai/sdxl-turbo", "sdxl-turbo"),
-    ("/home/me/turbo-experiments/sdxl-base", "sdxl-base"),  # a parent folder is not the model's name
-    ("/models/SDXL-Turbo/unet", "sdxl-turbo"),
-    ("/hf/hub/models--stabilityai--sdxl-turbo/snapshots/0123abcd", "models--stabilityai--sdxl-turbo"),
-    ("ckpt/sdxl-turbo/", "sdxl-turbo"),
-    ("", ""),
-])
-def test_checkpoint_name(name_or_path, name):
-    from hidiff_models.adapter import checkpoint_name
-
-    assert checkpoint_name(name_or_path) == name
 
 
 def test_turbo_is_detected_from_a_relative_path(monkeypatch, tmp_path):

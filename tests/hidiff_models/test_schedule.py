@@ -1,7 +1,12 @@
-"""RAU-Net schedule tables, written out by hand from ../shared/docs/hidiffusion-method.md (not recomputed)."""
+"""RAU-Net schedule tables, written out by hand from ../shared/docs/hidiffusion-method.md (not recomputed), and the
+checkpoint names that select the SDXL-Turbo and Playground variants."""
+import types
+
 import pytest
 
+from hidiff_models import schedule
 from hidiff_models.schedule import ActiveOps, active_ops, profile
+from hidiff_models.steps import pipeline_flags
 
 
 def active_steps(model_type, size, n, **flags):
@@ -73,3 +78,23 @@ def test_unknown_model_type_is_refused():
 
 def test_active_ops_is_a_value():
     assert active_ops("sd15", 64, 64, 0, 10) == ActiveOps(rad_conv=True, rad_pool=False)
+
+
+@pytest.mark.parametrize("name_or_path, name", [
+    ("stabilityai/sdxl-turbo", "sdxl-turbo"),
+    ("/home/me/turbo-experiments/sdxl-base", "sdxl-base"),  # a parent folder is not the model's name
+    ("/models/SDXL-Turbo/unet", "sdxl-turbo"),
+    ("/hf/hub/models--stabilityai--sdxl-turbo/snapshots/0123abcd", "models--stabilityai--sdxl-turbo"),
+    ("ckpt/sdxl-turbo/", "sdxl-turbo"),
+    ("C:\\models\\Playground-v2.5\\unet", "playground-v2.5"),
+    ("", ""),
+])
+def test_checkpoint_name(name_or_path, name):
+    assert schedule.checkpoint_name(name_or_path) == name
+
+
+def test_playground_is_known_by_the_checkpoint_name_not_a_parent_folder():
+    pipe = types.SimpleNamespace(name_or_path="/home/me/playground-tests/sdxl-base")
+    assert not pipeline_flags(pipe)["playground"]
+    pipe.name_or_path = "playgroundai/playground-v2.5-1024px-aesthetic"
+    assert pipeline_flags(pipe)["playground"]
