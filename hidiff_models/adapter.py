@@ -22,7 +22,7 @@ from hidiff_kernels import triton_runs_on
 from . import controlnet, raunet, steps
 from .ops import BACKENDS
 from .processors import PAG_CHUNKS, PerturbedWindowAttnProcessor, WindowAttnProcessor
-from .schedule import MODEL_TYPES, ActiveOps, active_ops, checkpoint_name
+from .schedule import MODEL_TYPES, ActiveOps, active_ops, checkpoint_name, named_model_type
 
 STATE_ATTR = "_hidiffusion"
 INACTIVE = ActiveOps(rad_conv=False, rad_pool=False)
@@ -489,7 +489,7 @@ def detected_model_type(config, name_or_path=""):
             f"{tuple(config.get('down_block_types') or ())}, up blocks {tuple(config.get('up_block_types') or ())}, "
             f"addition_embed_type {config.get('addition_embed_type')!r}"
         )
-    return "sdxl_turbo" if family == "sdxl" and "turbo" in checkpoint_name(name_or_path) else family
+    return named_model_type(family, name_or_path)
 
 
 def _resolve_model_type(pipe, unet, model_type):

@@ -192,10 +192,12 @@ def cmd_bench(args):
 
 
 def check_pipeline_path(path):
-    """(absolute Path, UNet family) of a local diffusers pipeline folder or single checkpoint file, after the
-    cheap checks: a text-to-image UNet (4 input channels) of a supported layout (a single file's family: SDXL
-    if it holds SDXL's text conditioner, else SD1.5)."""
+    """(absolute Path, detected model type) of a local diffusers pipeline folder or single checkpoint file, after
+    the cheap checks: a text-to-image UNet (4 input channels) of a supported layout (a single file's family: SDXL
+    if it holds SDXL's text conditioner, else SD1.5). SDXL-Turbo is known by the folder's or file's name."""
     from pathlib import Path
+
+    from .schedule import named_model_type
 
     p = Path(os.path.abspath(path))  # absolute: the checkpoint's name (SDXL-Turbo) is its folder's, even for "."
     if not p.exists():
@@ -205,6 +207,7 @@ def check_pipeline_path(path):
             raise UserError(f"--model {path}: expected a diffusers folder or a .safetensors file")
         keys, in_channels = _checkpoint_keys(p)
         family = "sdxl" if any(k.startswith("conditioner.") for k in keys) else "sd15"
+        model_type = named_model_type(family, str(p))
     else:
         if not (p / "model_index.json").is_file():
             if (p / "config.json").is_file():
@@ -222,14 +225,14 @@ def check_pipeline_path(path):
 
         try:  # an unsupported UNet is refused before the pipeline loads
             config = json.loads((unet / "config.json").read_text())
-            family = detected_model_type(config)
+            model_type = detected_model_type(config, str(p))
         except (OSError, ValueError) as e:
             raise UserError(f"--model {path}: {first_line(e)}") from None
         in_channels = config.get("in_channels", 4)
     if in_channels != 4:
         raise UserError(f"--model {path}: its UNet takes {in_channels} input channels (an inpainting or "
                         "image-conditioned model); generate is text-to-image")
-    return p, family
+    return p, model_type
 
 
 def hf_cache_hint(folder):
@@ -238,11 +241,11 @@ def hf_cache_hint(folder):
     return " (a Hugging Face cache folder: give its snapshots/<revision> folder)" if is_cache else ""
 
 
-def load_pipeline(p, family, dtype):
+def load_pipeline(p, model_type, dtype):
     """A text-to-image pipeline from a local diffusers folder or single .safetensors file checked by
-    check_pipeline_path (its path and family); UserError if unusable."""
+    check_pipeline_path (its path and model type); UserError if unusable."""
     if p.is_file():
-        return _load_single_file(p, family, dtype)
+        return _load_single_file(p, model_type, dtype)
     from diffusers import AutoPipelineForText2Image
 
     from .bench import torch_dtype_quiet, weights_variant
@@ -271,12 +274,12 @@ def _checkpoint_keys(p):
     return keys, in_channels
 
 
-def _load_single_file(p, family, dtype):
+def _load_single_file(p, model_type, dtype):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from .bench import torch_dtype_quiet
 
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    cls = StableDiffusionPipeline if model_type == "sd15" else StableDiffusionXLPipeline
     try:
         with torch_dtype_quiet():
             return cls.from_single_file(str(p), torch_dtype=dtype, local_files_only=True)
@@ -293,11 +296,12 @@ def cmd_generate(args):
         value = getattr(args, name)
         if value < 8 or value % 8:
             raise UserError(f"--{name} {value}: must be a positive multiple of 8")
-    model, family = check_pipeline_path(args.model)
+    model, detected = check_pipeline_path(args.model)
     from .bench import FAMILY
 
-    if args.model_type and FAMILY[args.model_type] != family:  # refused before the pipeline loads, not after
-        raise UserError(f"--model-type {args.model_type}: {args.model} holds a UNet of the {family} family")
+    if args.model_type and FAMILY[args.model_type] != FAMILY[detected]:  # refused before the pipeline loads
+        raise UserError(f"--model-type {args.model_type}: {args.model} holds a UNet of the {FAMILY[detected]} family")
+    model_type = args.model_type or detected  # a single file's name tells SDXL-Turbo, which the pipeline cannot
     out = _output_path(args.output)
     device, dtype_name = _device_and_dtype(args)
     from .bench import DTYPES, cpu_threads, quiet_diffusers
@@ -308,12 +312,12 @@ def cmd_generate(args):
     started = time.perf_counter()
     print(f"loading {args.model} ({dtype_name}, {device})", file=sys.stderr)
     with quiet_diffusers():
-        pipe = load_pipeline(model, family, DTYPES[dtype_name]).to(device)
+        pipe = load_pipeline(model, model_type, DTYPES[dtype_name]).to(device)
     from . import apply_hidiffusion
 
     try:
         apply_hidiffusion(pipe, backend=args.backend, apply_raunet=args.raunet, generator=args.seed,
-                          model_type=args.model_type)
+                          model_type=model_type)
     except ValueError as e:
         raise UserError(f"HiDiffusion cannot be applied: {first_line(e)}") from None
     if args.height * args.width > 2048 * 2048 and hasattr(pipe, "enable_vae_tiling"):

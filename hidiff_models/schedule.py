@@ -63,12 +63,19 @@ def active_ops(model_type, height, width, step, n, *, controlnet=False, inpainti
 
 
 def checkpoint_name(name_or_path: str) -> str:
-    """SDXL-Turbo and Playground models are known by "turbo" / "playground" in this: the lowercase name of a checkpoint from its hub id or local path: the last part (the folder above a unet/
-    folder), or in a Hugging Face cache snapshot (.../models--org--name/snapshots/<revision>) models--org--name.
-    The other folders of a local path are not the model's name."""
+    """The lowercase name of a checkpoint from its hub id or local path, where SDXL-Turbo and Playground models
+    are known by "turbo" / "playground": the last part (the folder above a unet/ folder), or in a Hugging Face
+    cache snapshot (.../models--org--name/snapshots/<revision>) models--org--name. The other folders of a local
+    path are not the model's name."""
     parts = [p for p in name_or_path.replace("\\", "/").lower().split("/") if p not in ("", ".")]
     if parts and parts[-1] == "unet":
         parts.pop()
     if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
         return parts[-3]
     return parts[-1] if parts else ""
+
+
+def named_model_type(family: str, name_or_path: str) -> str:
+    """The model type of a UNet of ``family`` ('sd15' or 'sdxl') loaded from ``name_or_path``: SDXL-Turbo has
+    SDXL's architecture and is known by its name only."""
+    return "sdxl_turbo" if family == "sdxl" and "turbo" in checkpoint_name(name_or_path) else family

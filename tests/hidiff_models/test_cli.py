@@ -458,4 +458,23 @@ def test_turbo_is_detected_from_a_relative_path(monkeypatch, tmp_path):
     turbo = fake_pipeline(tmp_path / "sdxl-turbo", "sdxl")
     monkeypatch.chdir(turbo)
     assert bench.local_model_type(".") == "sdxl_turbo"
-    assert cli.check_pipeline_path(".") == (turbo, "sdxl")
+    assert cli.check_pipeline_path(".") == (turbo, "sdxl_turbo")
+
+
+def test_a_single_turbo_file_gets_the_turbo_schedule(monkeypatch, capsys, tmp_path):
+    # from_single_file leaves the pipeline without a name: the file's name tells SDXL-Turbo, as a folder's does.
+    from safetensors.torch import save_file
+
+    single = tmp_path / "sd_xl_turbo_1.0.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+               "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(8)}, str(single))
+    assert cli.check_pipeline_path(single) == (single, "sdxl_turbo")
+    loaded = []
+
+    def load_pipeline(p, model_type, dtype):  # the model type the generation would apply, then stop
+        loaded.append(model_type)
+        raise cli.UserError("not loaded in this test")
+
+    monkeypatch.setattr(cli, "load_pipeline", load_pipeline)
+    run_main(capsys, "generate", "--model", str(single), "--prompt", "x", "--device", "cpu")
+    assert loaded == ["sdxl_turbo"]
