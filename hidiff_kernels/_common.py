@@ -15,6 +15,7 @@ from triton.runtime.interpreter import InterpretedFunction
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}  # as in kernel signatures
 MAX_HEAD_DIM = 256  # the attention kernel keeps a whole head vector per token in one tile
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # the kernels take the scale as fp32
 
 
 @triton.jit
@@ -111,7 +112,7 @@ def check_msw_args(op, q, k, v, size, shift, scale):
             f"{op}: q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
     B, N, heads, head_dim = q.shape
-    if min(B, N, heads, head_dim) == 0:
+    if q.numel() == 0:  # not min() of the sizes: that would guard a symbolic batch size against the others
         raise ValueError(f"{op}: empty input of shape {tuple(q.shape)}")
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"{op}: head_dim {head_dim} is larger than the supported {MAX_HEAD_DIM}")
@@ -130,8 +131,8 @@ def check_msw_args(op, q, k, v, size, shift, scale):
             raise ValueError(f"{op}: shift {(sh, sw)} out of range for size {(H, W)} (need 0 <= sh < H, 0 <= sw < W)")
     if scale is None:
         scale = head_dim**-0.5
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise TypeError(f"{op}: scale must be a finite float or None, got {scale!r}")
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not abs(scale) <= _FLOAT32_MAX:
+        raise TypeError(f"{op}: scale must be a finite float32 value or None, got {scale!r}")
     return (H, W), shift, float(scale)
 
 

@@ -192,6 +192,19 @@ def test_torch_compile_symbolic_shift():
     torch._dynamo.reset()
 
 
+def test_export_with_a_dynamic_batch():
+    """torch.export of a module calling the op keeps the batch size symbolic (the argument checks must not guard
+    it against the other sizes): the exported program runs a larger batch than it was traced with."""
+    class Windowed(torch.nn.Module):
+        def forward(self, q, k, v):
+            return hidiff_kernels.msw_attention(q, k, v, (5, 4), (2, 1))
+
+    batch = {0: torch.export.Dim("batch")}
+    exported = torch.export.export(Windowed(), tuple(qkv(3, 5, 4, 2, 8)), dynamic_shapes=(batch, batch, batch))
+    q, k, v = qkv(30, 5, 4, 2, 8)
+    assert relative_error(exported.module()(q, k, v), expected(q, k, v, (5, 4), (2, 1))) < 1e-5
+
+
 @requires_interpreter
 @pytest.mark.parametrize("shift_dtype", [torch.int64, torch.int32])
 def test_shift_tensor(shift_dtype):
@@ -267,6 +280,8 @@ def test_inputs_requiring_grad_raise():
         (dict(k=torch.randn(1, 12, 2, 8, device="meta")), ValueError, "meta"),
         (dict(q=torch.randn(1, 12, 1, 257), k=torch.randn(1, 12, 1, 257), v=torch.randn(1, 12, 1, 257)), ValueError, "head_dim"),
         (dict(q=torch.randn(0, 12, 2, 8), k=torch.randn(0, 12, 2, 8), v=torch.randn(0, 12, 2, 8)), ValueError, "empty"),
+        (dict(scale=float("nan")), TypeError, "scale"),
+        (dict(scale=1e39), TypeError, "scale"),  # finite in Python, inf as the kernels' fp32
     ],
 )
 def test_bad_input_raises(change, error, match):
