@@ -99,7 +99,10 @@ def _pipeline_step(call, timestep):
         # then no step of this run was taken yet.
         step = _timestep_position(timesteps, start, n, timestep, first=hasattr(type(scheduler), "step_index"))
     if not 0 <= step < n:
-        raise RuntimeError(f"HiDiffusion: derived step {step} is outside the {n} steps of this pipeline run")
+        # Seen with custom timesteps that repeat their first one: the scheduler's own index lookup skips a step,
+        # and diffusers then fails the same way without HiDiffusion.
+        raise RuntimeError(f"HiDiffusion: derived step {step} is outside the {n} steps of this pipeline run (the "
+                           "scheduler went past its timesteps: custom timesteps that repeat a value?)")
     return step, n
 
 
