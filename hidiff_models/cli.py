@@ -156,10 +156,8 @@ def cmd_bench(args):
     models = ["sd15", "sdxl"] if args.model_type == "all" else [args.model_type]
     if args.model:
         detected = bench.local_model_type(args.model)
-        if args.model_type != "all" and bench.FAMILY[args.model_type] != bench.FAMILY[detected]:
-            raise UserError(f"--model-type {args.model_type}: {args.model} holds a UNet of the "
-                            f"{bench.FAMILY[detected]} family")
-        models = [detected if args.model_type == "all" else args.model_type]
+        model_type = _model_type_for(args.model_type, args.model, detected)
+        models = [model_type]
     json_path = args.json or bench.DEFAULT_JSON
     _check_writable("--json", json_path)  # the outputs are checked before the run, not after it
     if args.plot:
@@ -189,6 +187,18 @@ def cmd_bench(args):
     if args.plot:
         print(f"plot: {bench.plot(result, args.plot)}", file=sys.stderr)
     return 0
+
+
+def _model_type_for(requested, path, detected):
+    """The model type to run a local checkpoint with: --model-type ``requested`` (None or "all": ``detected``),
+    refused before anything loads when it names the other family than the UNet at ``path``."""
+    from .bench import FAMILY
+
+    if requested in (None, "all"):
+        return detected
+    if FAMILY[requested] != FAMILY[detected]:
+        raise UserError(f"--model-type {requested}: {path} holds a UNet of the {FAMILY[detected]} family")
+    return requested
 
 
 def check_pipeline_path(path):
@@ -297,11 +307,8 @@ def cmd_generate(args):
         if value < 8 or value % 8:
             raise UserError(f"--{name} {value}: must be a positive multiple of 8")
     model, detected = check_pipeline_path(args.model)
-    from .bench import FAMILY
-
-    if args.model_type and FAMILY[args.model_type] != FAMILY[detected]:  # refused before the pipeline loads
-        raise UserError(f"--model-type {args.model_type}: {args.model} holds a UNet of the {FAMILY[detected]} family")
-    model_type = args.model_type or detected  # a single file's name tells SDXL-Turbo, which the pipeline cannot
+    # detected, not left to apply: a single file's name tells SDXL-Turbo, which the loaded pipeline cannot
+    model_type = _model_type_for(args.model_type, args.model, detected)
     out = _output_path(args.output)
     device, dtype_name = _device_and_dtype(args)
     from .bench import DTYPES, cpu_threads, quiet_diffusers
