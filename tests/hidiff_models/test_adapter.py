@@ -719,9 +719,7 @@ def test_half_precision_unet_matches_float32(built, model, backend, dtype):
             unet = copy.deepcopy(built[model]).to(run_dtype)
             if patched:
                 apply_hidiffusion(unet, backend=backend if run_dtype == dtype else "torch", window_shift=1)
-            cast = {k: v.to(run_dtype) for k, v in kwargs.items() if torch.is_tensor(v)}
-            if "added_cond_kwargs" in kwargs:
-                cast["added_cond_kwargs"] = {k: v.to(run_dtype) for k, v in kwargs["added_cond_kwargs"].items()}
+            cast = torch.utils._pytree.tree_map(lambda t: t.to(run_dtype), kwargs)  # added_cond_kwargs too
             with denoising_step(unet, 0, 10), torch.no_grad():
                 outputs[run_dtype] = unet(sample.to(run_dtype), 500, **cast).sample
         assert outputs[dtype].dtype == dtype
