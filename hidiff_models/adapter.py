@@ -8,6 +8,7 @@ a deepcopy of the UNet (or pipeline) is patched on its own modules and state.
 """
 import copy
 import inspect
+import sys
 import threading
 import types
 import warnings
@@ -76,6 +77,7 @@ class HiDiffusionState:
         # One generator per pipeline call, restarted from the seed: equal inputs give equal images, even when
         # generations are interrupted or nested (another pipeline called from a callback).
         self.call_generators = weakref.WeakKeyDictionary()
+        self.warned_replaced = weakref.WeakKeyDictionary()  # pipeline call (or self) -> replaced sites warned about
         self.window_sites = []  # (attention, its WindowAttnProcessor), in the order of their phase indices
         self.pag_sites = []  # (attention, PAG's processor) swapped for the UNet call in progress
         self.retired = False  # removed, or replaced by another apply: its processors run stock attention
@@ -141,12 +143,6 @@ class HiDiffusionState:
         if len(args) > 2:  # by name, where the residuals (ControlNet, T2I-Adapter) are looked for below
             args, kwargs = (), _by_name(unet, args, kwargs)
         call = steps.pipeline_call()
-        if call is None:
-            generator = self.bare_generator
-        else:
-            if call not in self.call_generators:
-                self.call_generators[call] = torch.Generator().manual_seed(self.seed)
-            generator = self.call_generators[call]
         sample = args[0] if args else kwargs["sample"]
         for attn, processor in self.window_sites:
             if _is_unbound_window_processor(attn.processor):
@@ -155,33 +151,46 @@ class HiDiffusionState:
                 self.pag_sites.append((attn, attn.processor))
                 attn.processor = PerturbedWindowAttnProcessor(processor, PAG_CHUNKS[type(attn.processor)])
         replaced = self.replaced_window_sites()
-        if replaced:
-            warnings.warn(f"HiDiffusion: {replaced} of the {len(self.window_sites)} window-attention processors were "
-                          "replaced since apply_hidiffusion: those blocks attend over the whole map. After "
-                          "set_attn_processor, fuse_qkv_projections and the like, call apply_hidiffusion again to "
-                          "restore MSW-MSA; a pipeline that sets its own processors at every call (LEdits++) runs "
-                          "without it.", stacklevel=2)
+        warned_for = call if call is not None else self  # once per pipeline call, or per patch driven by hand
+        if replaced and self.warned_replaced.get(warned_for) != replaced:
+            _warn_unet_caller(f"HiDiffusion: {replaced} of the {len(self.window_sites)} window-attention processors "
+                              "were replaced since apply_hidiffusion: those blocks attend over the whole map. After "
+                              "set_attn_processor, fuse_qkv_projections and the like, call apply_hidiffusion again "
+                              "to restore MSW-MSA; a pipeline that sets its own processors at every call (LEdits++) "
+                              "runs without it.")
+        self.warned_replaced[warned_for] = replaced
+        self.in_call = True  # ops, phases and pre_pool_size are reset by after_unet, which ends every call
+        kwargs = controlnet.unet_controlnet_kwargs(kwargs)
+        if self.apply_raunet:  # before the window phases: a refused call draws none from its generation's generator
+            self.ops = self.raunet_ops(unet, sample, args, kwargs)
         if self.pinned_phase is None:
+            # A call under denoising_step inside a pipeline call (from a callback) is the user's, not the generation's
+            if call is None or steps.explicit_step(unet) is not None:
+                generator = self.bare_generator
+            else:
+                if call not in self.call_generators:
+                    self.call_generators[call] = torch.Generator().manual_seed(self.seed)
+                generator = self.call_generators[call]
             phases = torch.randint(4, (len(self.window_sites),), generator=generator)
             # Pinned memory: the copy does not make the host wait for the work queued on the GPU.
             self.phases = (phases.pin_memory().to(sample.device, non_blocking=True) if sample.is_cuda
                            else phases.to(sample.device))
-        self.in_call = True  # ops, phases and pre_pool_size are reset by after_unet, which ends every call
-        kwargs = controlnet.unet_controlnet_kwargs(kwargs)
-        if not self.apply_raunet:
-            return args, kwargs
+        return args, kwargs
+
+    def raunet_ops(self, unet, sample, args, kwargs):
+        """What RAU-Net runs in this UNet call, from its denoising step (or a refusal)."""
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         step, n, step_call = steps.current_step(unet, timestep)  # step_call is None under denoising_step
         flags = dict(step_call.flags) if step_call else dict(controlnet=False, inpainting=False, playground=False)
         flags["inpainting"] = flags["inpainting"] or self.inpainting
         flags["playground"] = flags["playground"] or self.playground
-        self.ops = active_ops(self.model_type, sample.shape[-2], sample.shape[-1], step, n, **flags)
-        rad_conv = self.ops.rad_conv and self.rad_conv_site is not None  # SDXL-Turbo has no RAD-conv
-        if (rad_conv or self.ops.rad_pool) and _has_adapter_residuals(kwargs):
+        ops = active_ops(self.model_type, sample.shape[-2], sample.shape[-1], step, n, **flags)
+        rad_conv = ops.rad_conv and self.rad_conv_site is not None  # SDXL-Turbo has no RAD-conv
+        if (rad_conv or ops.rad_pool) and _has_adapter_residuals(kwargs):
             raise ValueError(T2I_ADAPTER_REFUSAL)
         if self.rad_conv_site is not None:  # every call sets their geometry: a deep copy may hold them widened
             raunet.set_lora_down_geometry(*self.rad_conv_site, rad_conv)
-        return args, kwargs
+        return ops
 
     @torch.compiler.disable
     def after_unet(self):
@@ -332,7 +341,7 @@ def _install(unet, layout, state):
             attn = modules[name].attn1
             processor = WindowAttnProcessor(state, index)
             state.window_sites.append((attn, processor))
-            undo.append(raunet.patch(_restore_processor, attn, attn.processor, processor))
+            undo.append(raunet.patch(_restore_processor, unet, attn, attn.processor, processor))
             attn.set_processor(processor)
             processors_by_transformer.setdefault(_transformer_of(name), []).append(processor)
         for transformer_name, processors in processors_by_transformer.items():
@@ -404,9 +413,15 @@ def _has_adapter_residuals(kwargs):
     return kwargs.get("down_intrablock_additional_residuals") is not None or (down is not None and mid is None)
 
 
-def _restore_processor(attn, original, ours):
+def _restore_processor(unet, attn, original, ours):
     if _runs_window_processor(attn, ours):  # else the user has set another processor since: theirs stays
         attn.set_processor(original)
+    # diffusers' fuse_qkv_projections keeps the processors it replaces, for unfuse_qkv_projections to set back
+    snapshot = getattr(unet, "original_attn_processors", None)
+    if isinstance(snapshot, dict):
+        for name, processor in snapshot.items():
+            if processor is ours:
+                snapshot[name] = original
 
 
 def _runs_window_processor(attn, ours):
@@ -420,6 +435,16 @@ def _runs_window_processor(attn, ours):
 def _is_unbound_window_processor(processor):
     """What diffusers' IP-Adapter loaders leave in place of our processor: an instance made from its class alone."""
     return type(processor) is WindowAttnProcessor and processor.state is None
+
+
+def _warn_unet_caller(message):
+    """A UserWarning at the line that called the UNet (the first frame outside torch and this package), shown
+    every time: Python's once-per-line memory would silence it for every later patch and pipeline call."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("torch", __package__):
+        frame = frame.f_back
+    warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"), registry=None)
 
 
 def _record_feature_size(processors, module, args, kwargs):

@@ -56,11 +56,19 @@ def pipeline_call():
     return _pipeline_call.get()
 
 
-def current_step(unet, timestep):
-    """(step, n, pipeline_call) for a call of ``unet`` with ``timestep``; pipeline_call is None for denoising_step."""
+def explicit_step(unet):
+    """(step, n) of the innermost denoising_step block over ``unet``'s calls, or None."""
     for owner, step, n in reversed(_explicit_steps.get()):
         if owner is unet:
-            return step, n, None
+            return step, n
+    return None
+
+
+def current_step(unet, timestep):
+    """(step, n, pipeline_call) for a call of ``unet`` with ``timestep``; pipeline_call is None for denoising_step."""
+    explicit = explicit_step(unet)
+    if explicit is not None:
+        return *explicit, None
     call = _pipeline_call.get()
     if call is None:
         raise RuntimeError(
@@ -102,7 +110,9 @@ def _pipeline_step(call, timestep):
         # Seen with custom timesteps that repeat their first one: the scheduler's own index lookup skips a step,
         # and diffusers then fails the same way without HiDiffusion.
         raise RuntimeError(f"HiDiffusion: derived step {step} is outside the {n} steps of this pipeline run (the "
-                           "scheduler went past its timesteps: custom timesteps that repeat a value?)")
+                           "scheduler went past its timesteps: custom timesteps that repeat a value, or a UNet call "
+                           "from a callback after the last step? Such a call takes its step from "
+                           "hidiff_models.denoising_step(unet, step, n))")
     return step, n
 
 
@@ -153,7 +163,8 @@ def _timestep_position(timesteps, start, n, timestep, first=False):
     if len(matches) != 1:
         raise RuntimeError(
             f"HiDiffusion: timestep {t.item()} is not found exactly once among the {n} timesteps of this "
-            "pipeline run; wrap the UNet call in hidiff_models.denoising_step(unet, step, n)"
+            "pipeline run (a UNet call from a callback, or by another pipeline sharing the UNet without its own "
+            "apply_hidiffusion?); wrap the UNet call in hidiff_models.denoising_step(unet, step, n)"
         )
     return matches[0]
 

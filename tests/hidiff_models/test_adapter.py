@@ -277,16 +277,27 @@ def test_remove_restores_bit_for_bit(unets, model):
     assert_same_snapshot(unet, before)
 
 
+def test_unfuse_after_remove_sets_back_the_original_processors(unets):
+    # diffusers' unfuse_qkv_projections sets back the processors fuse_qkv_projections saw: ours, fused after apply
+    unet = unets["sd15"]
+    originals = dict(unet.attn_processors)
+    apply_hidiffusion(unet, backend="torch")
+    unet.fuse_qkv_projections()
+    remove_hidiffusion(unet)
+    unet.unfuse_qkv_projections()
+    assert all(unet.attn_processors[name] is processor for name, processor in originals.items())
+    unet.set_default_attn_processor()  # which diffusers refuses on a processor class it does not list
+
+
 def test_processors_brought_back_after_remove_run_stock_attention(unets):
-    # diffusers' unfuse_qkv_projections puts back the processors that fuse_qkv_projections saw: ours, here
     unet = unets["sd15"]
     sample, kwargs = inputs("sd15")
     expected = run(unet, sample, kwargs)
     apply_hidiffusion(unet, backend="torch", window_shift=1)
     run(unet, sample, kwargs, step=9)  # the window processors record their map size
-    unet.fuse_qkv_projections()
+    kept_by_the_user = dict(unet.attn_processors)
     remove_hidiffusion(unet)
-    unet.unfuse_qkv_projections()
+    unet.set_attn_processor(kept_by_the_user)
     assert sum(isinstance(p, WindowAttnProcessor) for p in unet.attn_processors.values()) == 5
     assert torch.equal(run(unet, sample, kwargs), expected)
 
@@ -327,6 +338,21 @@ def test_replaced_window_processors_are_reported(unets, replace):
         # (the cross-attention keeps the replacing processor: AttnProcessor rounds unlike AttnProcessor2_0)
         assert relative_error(run(unet, sample, kwargs, step=9), windowed) < 1e-6
     assert relative_error(global_attention, windowed) > 1e-3
+
+
+def test_replaced_window_processors_are_reported_for_each_patch_at_the_unet_caller(unets):
+    unet = unets["sd15"]
+    sample, kwargs = inputs("sd15")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own: once per line of code
+        for _ in range(2):
+            apply_hidiffusion(unet, backend="torch")
+            unet.set_attn_processor(AttnProcessor2_0())
+            run(unet, sample, kwargs, step=9)
+            run(unet, sample, kwargs, step=9)  # the same UNet driven by hand: warned already
+    replaced = [w for w in caught if "window-attention processors were replaced" in str(w.message)]
+    assert len(replaced) == 2
+    assert all(w.filename == __file__ for w in replaced)  # run() calls the UNet
 
 
 def test_gradient_checkpointing_recompute_needs_a_pinned_shift(unets):

@@ -29,7 +29,7 @@ import hidiff_models.adapter as adapter
 import hidiff_models.processors as processors
 import hidiff_models.raunet as raunet
 import hidiff_models
-from hidiff_models import apply_hidiffusion, remove_hidiffusion
+from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 from hidiff_models.configs import build_unet, seed_weights
 from hidiff_models.schedule import active_ops
 
@@ -187,6 +187,34 @@ def test_pipelines_sharing_a_unet_keep_their_own_steps(parts):
     assert torch.equal(nested[0], solo_second)
 
 
+def test_unet_call_by_hand_in_a_callback_leaves_the_generation_alone(parts, schedule_log):
+    pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    fresh = generate(pipe)
+
+    def preview(pipe, step, timestep, callback_kwargs):  # e.g. a look-ahead denoise of the latents
+        latents, text = callback_kwargs["latents"], torch.ones(1, 7, 32)
+        with torch.no_grad(), denoising_step(pipe.unet, 0, 4):
+            pipe.unet(latents, timestep, encoder_hidden_states=text)
+        with torch.no_grad(), pytest.raises(RuntimeError, match="not found exactly once"):
+            pipe.unet(latents, 7, encoder_hidden_states=text)  # no step given, nor one of the run's timesteps
+        return callback_kwargs
+
+    assert torch.equal(generate(pipe, callback_on_step_end=preview), fresh)
+    assert [s for s, _, _ in schedule_log] == [0, 1, 2, 3] + [0, 0, 1, 0, 2, 0, 3, 0]
+
+
+def test_unet_call_by_hand_after_the_last_step_is_refused(parts):
+    pipe = apply_hidiffusion(sd15_pipe(parts, scheduler=EulerDiscreteScheduler), backend="torch")
+
+    def preview(pipe, step, timestep, callback_kwargs):  # Euler's step_index is past the last step here
+        if step == 3:
+            pipe.unet(callback_kwargs["latents"], timestep, encoder_hidden_states=torch.ones(1, 7, 32))
+        return callback_kwargs
+
+    with torch.no_grad(), pytest.raises(RuntimeError, match="derived step 4 is outside .* a UNet call from a callback"):
+        generate(pipe, callback_on_step_end=preview)
+
+
 def test_from_pipe_shares_the_patched_unet(parts):
     pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch")
     img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
@@ -328,8 +356,9 @@ def test_run_of_a_tail_without_num_timesteps_or_begin_index(parts, schedule_log)
     image = torch.rand(1, 3, 64, 64)
     pipe.invert(image=image, num_inversion_steps=10, skip=0.2, generator=torch.Generator().manual_seed(0))
     apply_hidiffusion(pipe, backend="torch")
-    with pytest.warns(UserWarning, match="processors were replaced"):  # LEdits++ sets its own attention processors
+    with pytest.warns(UserWarning, match="processors were replaced") as caught:  # LEdits++ sets its own processors
         pipe(editing_prompt=["cat"], output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert sum("processors were replaced" in str(w.message) for w in caught) == 1  # once per pipeline call
     assert len(pipe.scheduler.timesteps) == 12
     assert [(s, n) for s, n, _ in schedule_log] == [(s, 10) for s in range(10)]
     with pytest.raises(RuntimeError, match=r"invert\(\)\) are not tracked"):
