@@ -92,6 +92,19 @@ def check_tensors(op: str, **tensors: torch.Tensor) -> None:
             raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
 
 
+def autocast_inputs(*tensors):
+    """The op's tensors as torch.autocast casts those of F.conv2d and scaled_dot_product_attention: floating
+    ones (float64 aside) to the autocast dtype of their device type where autocast is on; anything else as given
+    (None, or a bad argument for the checks to name)."""
+    def cast(t):
+        if (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                and torch.amp.is_autocast_available(t.device.type) and torch.is_autocast_enabled(t.device.type)):
+            return t.to(torch.get_autocast_dtype(t.device.type))
+        return t
+
+    return tuple(cast(t) for t in tensors)
+
+
 def check_no_grad(op: str, *tensors: torch.Tensor) -> None:
     """The ops are inference-only: refuse inputs that would need a backward pass."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

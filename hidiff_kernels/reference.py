@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from ._common import check_conv_args, check_msw_args, shift_ints
+from ._common import autocast_inputs, check_conv_args, check_msw_args, shift_ints
 
 
 def msw_attention(q, k, v, size, shift, scale=None):
@@ -21,6 +21,7 @@ def msw_attention(q, k, v, size, shift, scale=None):
     (-sh, -sw), split at ceil(H/2) and ceil(W/2) into 4 windows, each attends within itself, and the
     result is rolled back. Returns [B, N, heads, head_dim] in q's dtype. A shift tensor is read to the host.
     """
+    q, k, v = autocast_inputs(q, k, v)
     (H, W), shift, scale = check_msw_args("reference.msw_attention", q, k, v, size, shift, scale)
     sh, sw = shift_ints(shift, (H, W))
     rolled = [torch.roll(rearrange(t, "b (y x) h d -> b y x h d", y=H), (-sh, -sw), dims=(1, 2)) for t in (q, k, v)]
@@ -38,11 +39,13 @@ def msw_attention(q, k, v, size, shift, scale=None):
 
 def rau_downsample_conv(x, weight, bias=None):
     """RAD-conv: the downsampler's 3x3 conv run with stride 4, padding 2, dilation 2 (ceil(H/4) x ceil(W/4))."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_conv_args("reference.rau_downsample_conv", x, weight, bias)
     return F.conv2d(x, weight, bias, stride=4, padding=2, dilation=2)
 
 
 def upsample_conv(x, weight, bias=None, size=None, scale_factor=None):
     """RAU-upsample: nearest-neighbour upsample to `size` (or by `scale_factor`), then the 3x3 conv, padding 1."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_conv_args("reference.upsample_conv", x, weight, bias, upsample=True, size=size, scale_factor=scale_factor)
     return F.conv2d(F.interpolate(x, size=size, scale_factor=scale_factor, mode="nearest"), weight, bias, padding=1)

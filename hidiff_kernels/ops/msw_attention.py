@@ -15,8 +15,8 @@ import triton.language as tl
 
 from .. import reference
 from .._common import (
-    TRITON_DTYPES, KernelBuild, autotune_enabled, check_int32_span, check_msw_args, check_no_grad, interpreter_enabled,
-    launch_device, triton_runs_on,
+    TRITON_DTYPES, KernelBuild, autocast_inputs, autotune_enabled, check_int32_span, check_msw_args, check_no_grad,
+    interpreter_enabled, launch_device, triton_runs_on,
 )
 
 _OP = "msw_attention"
@@ -223,8 +223,10 @@ def msw_attention(q, k, v, size, shift, scale=None):
     shift: (sh, sw) ints with 0 <= sh < H, 0 <= sw < W, or an int32/int64 tensor [2] on q's device,
     taken modulo (H, W) on the device: never read to the host, so a CUDA graph captured once replays
     with every shift written into that tensor.
-    Same function as ``hidiff_kernels.reference.msw_attention``; inference only.
+    Same function as ``hidiff_kernels.reference.msw_attention``; inference only. Under torch.autocast the inputs
+    are cast as scaled_dot_product_attention's are.
     """
+    q, k, v = autocast_inputs(q, k, v)
     (H, W), shift, scale = check_msw_args(_OP, q, k, v, size, shift, scale)
     check_no_grad(_OP, q, k, v)
     if isinstance(shift, torch.Tensor):

@@ -17,8 +17,8 @@ from torch._prims_common import suggest_memory_format
 
 from .. import reference
 from .._common import (
-    TRITON_DTYPES, KernelBuild, autotune_enabled, check_conv_args, check_int32_span, check_no_grad, interpreter_enabled,
-    launch_device, triton_runs_on,
+    TRITON_DTYPES, KernelBuild, autocast_inputs, autotune_enabled, check_conv_args, check_int32_span, check_no_grad,
+    interpreter_enabled, launch_device, triton_runs_on,
 )
 
 
@@ -230,8 +230,9 @@ def rau_downsample_conv(x, weight, bias=None):
 
     x: [B, Ci, H, W] (NCHW or channels-last), weight: [Co, Ci, 3, 3], bias: [Co] or None.
     Returns [B, Co, ceil(H/4), ceil(W/4)] in x's dtype, channels-last when x or weight is (as F.conv2d).
-    Inference only.
+    Inference only. Under torch.autocast the inputs are cast as F.conv2d's are (so are upsample_conv's).
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     check_conv_args("rau_downsample_conv", x, weight, bias)
     check_no_grad("rau_downsample_conv", x, weight, bias)
     return _downsample_op(x, weight, bias)
@@ -243,6 +244,7 @@ def upsample_conv(x, weight, bias=None, size=None, scale_factor=None):
     The nearest-neighbour gather happens inside the conv, so the enlarged map is never stored. Give
     exactly one of size (int or pair) and scale_factor (float or pair). Inference only.
     """
+    x, weight, bias = autocast_inputs(x, weight, bias)
     out_size, factors = check_conv_args("upsample_conv", x, weight, bias, upsample=True, size=size, scale_factor=scale_factor)
     check_no_grad("upsample_conv", x, weight, bias)
     return _upsample_op(x, weight, bias, None if factors else list(out_size), list(factors) if factors else None)

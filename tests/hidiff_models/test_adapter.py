@@ -731,23 +731,27 @@ def test_sdxl_variants_skip_the_aggressive_mode(monkeypatch, variant):
     assert seen == [ActiveOps(rad_conv=False, rad_pool=True)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype, autocast", [(torch.float16, False), (torch.bfloat16, False), (torch.float16, True)],
+                         ids=["fp16", "bf16", "fp16-autocast"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
-def test_half_precision_unet_matches_float32(built, model, backend, dtype):
-    # Deployments run fp16/bf16 UNets. At step 0 (RAD-conv, the fused upsamplers and MSW-MSA active) the
-    # output keeps the UNet's dtype and is about as close to the float32 run as the plain UNet is to its own.
+def test_half_precision_unet_matches_float32(built, model, backend, dtype, autocast):
+    # Deployments run fp16/bf16 UNets, or a float32 one under torch.autocast (diffusers' training scripts'
+    # validation). At step 0 (RAD-conv, the fused upsamplers and MSW-MSA active) the output comes in the half
+    # dtype and is about as close to the float32 run as the plain UNet's is.
     sample, kwargs = inputs(model, size=(8, 12) if backend == "triton" else (16, 20))
     errors = {}
     for patched in (False, True):
         outputs = {}
-        for run_dtype in (torch.float32, dtype):
-            unet = copy.deepcopy(built[model]).to(run_dtype)
+        for half in (False, True):
+            tensor_dtype = dtype if half and not autocast else torch.float32
+            unet = copy.deepcopy(built[model]).to(tensor_dtype)
             if patched:
-                apply_hidiffusion(unet, backend=backend if run_dtype == dtype else "torch", window_shift=1)
-            cast = torch.utils._pytree.tree_map(lambda t: t.to(run_dtype), kwargs)  # added_cond_kwargs too
-            with denoising_step(unet, 0, 10), torch.no_grad():
-                outputs[run_dtype] = unet(sample.to(run_dtype), 500, **cast).sample
-        assert outputs[dtype].dtype == dtype
-        errors[patched] = relative_error(outputs[dtype], outputs[torch.float32])
+                apply_hidiffusion(unet, backend=backend if half else "torch", window_shift=1)
+            cast = torch.utils._pytree.tree_map(lambda t: t.to(tensor_dtype), kwargs)  # added_cond_kwargs too
+            with (denoising_step(unet, 0, 10), torch.no_grad(),
+                  torch.autocast("cpu", dtype=dtype, enabled=half and autocast)):
+                outputs[half] = unet(sample.to(tensor_dtype), 500, **cast).sample
+        assert outputs[True].dtype == dtype
+        errors[patched] = relative_error(outputs[True], outputs[False])
     assert errors[True] < 3 * errors[False], errors
