@@ -105,6 +105,14 @@ def autocast_inputs(*tensors):
     return tuple(cast(t) for t in tensors)
 
 
+def without_autocast(device: torch.device):
+    """Autocast off for ``device``'s type: a registered op's reference fallback then returns its inputs' dtype, as
+    the kernel and the op's fake do (the public wrappers cast for autocast before the op)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def check_no_grad(op: str, *tensors: torch.Tensor) -> None:
     """The ops are inference-only: refuse inputs that would need a backward pass."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

@@ -178,7 +178,8 @@ class HiDiffusionState:
         return args, kwargs
 
     def raunet_ops(self, unet, sample, args, kwargs):
-        """What RAU-Net runs in this UNet call, from its denoising step (or a refusal)."""
+        """What RAU-Net runs in this UNet call, from its denoising step; refuses T2I-Adapter residuals it would
+        shrink, and sets the RAD-conv LoRA's geometry to match."""
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         step, n, step_call = steps.current_step(unet, timestep)  # step_call is None under denoising_step
         flags = dict(step_call.flags) if step_call else dict(controlnet=False, inpainting=False, playground=False)
@@ -341,7 +342,8 @@ def _install(unet, layout, state):
             attn = modules[name].attn1
             processor = WindowAttnProcessor(state, index)
             state.window_sites.append((attn, processor))
-            undo.append(raunet.patch(_restore_processor, unet, attn, attn.processor, processor))
+            undo.append(raunet.patch(_restore_processor, unet, f"{name}.attn1.processor", attn, attn.processor,
+                                     processor))
             attn.set_processor(processor)
             processors_by_transformer.setdefault(_transformer_of(name), []).append(processor)
         for transformer_name, processors in processors_by_transformer.items():
@@ -413,15 +415,16 @@ def _has_adapter_residuals(kwargs):
     return kwargs.get("down_intrablock_additional_residuals") is not None or (down is not None and mid is None)
 
 
-def _restore_processor(unet, attn, original, ours):
+def _restore_processor(unet, key, attn, original, ours):
+    """Undo of a window site; ``key`` names its processor in ``unet.attn_processors``."""
     if _runs_window_processor(attn, ours):  # else the user has set another processor since: theirs stays
         attn.set_processor(original)
     # diffusers' fuse_qkv_projections keeps the processors it replaces, for unfuse_qkv_projections to set back
     snapshot = getattr(unet, "original_attn_processors", None)
-    if isinstance(snapshot, dict):
-        for name, processor in snapshot.items():
-            if processor is ours:
-                snapshot[name] = original
+    if isinstance(snapshot, dict) and key in snapshot:
+        kept = snapshot[key]
+        if kept is ours or _is_unbound_window_processor(kept):
+            snapshot[key] = original
 
 
 def _runs_window_processor(attn, ours):
@@ -438,13 +441,14 @@ def _is_unbound_window_processor(processor):
 
 
 def _warn_unet_caller(message):
-    """A UserWarning at the line that called the UNet (the first frame outside torch and this package), shown
-    every time: Python's once-per-line memory would silence it for every later patch and pipeline call."""
+    """A UserWarning at the line that called the UNet (the first frame outside torch and this module), out of
+    reach of Python's once-per-line memory, which would silence it for every later patch and pipeline call."""
     frame = sys._getframe(1)
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("torch", __package__):
+    while frame.f_back is not None and (frame.f_globals.get("__name__") == __name__
+                                        or frame.f_globals.get("__name__", "").partition(".")[0] == "torch"):
         frame = frame.f_back
     warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
-                           module=frame.f_globals.get("__name__"), registry=None)
+                           module=frame.f_globals.get("__name__") or "<string>", registry=None)
 
 
 def _record_feature_size(processors, module, args, kwargs):

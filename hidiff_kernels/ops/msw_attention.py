@@ -16,7 +16,7 @@ import triton.language as tl
 from .. import reference
 from .._common import (
     TRITON_DTYPES, KernelBuild, autocast_inputs, autotune_enabled, check_int32_span, check_msw_args, check_no_grad,
-    interpreter_enabled, launch_device, triton_runs_on,
+    interpreter_enabled, launch_device, triton_runs_on, without_autocast,
 )
 
 _OP = "msw_attention"
@@ -206,7 +206,8 @@ def _msw_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int,
     (H, W), shift, scale = check_msw_args(_OP, q, k, v, (H, W), (sh, sw) if shift is None else shift, scale)
     if triton_runs_on(q.device):
         return _launch(q, k, v, H, W, shift, scale)
-    return reference.msw_attention(q, k, v, (H, W), shift, scale)
+    with without_autocast(q.device):
+        return reference.msw_attention(q, k, v, (H, W), shift, scale)
 
 
 @_msw_attention_op.register_fake

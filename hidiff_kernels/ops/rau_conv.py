@@ -18,7 +18,7 @@ from torch._prims_common import suggest_memory_format
 from .. import reference
 from .._common import (
     TRITON_DTYPES, KernelBuild, autocast_inputs, autotune_enabled, check_conv_args, check_int32_span, check_no_grad,
-    interpreter_enabled, launch_device, triton_runs_on,
+    interpreter_enabled, launch_device, triton_runs_on, without_autocast,
 )
 
 
@@ -196,7 +196,8 @@ def _fake_output(x, weight, out_size):
 def _downsample_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     out_size, _ = check_conv_args("hidiff::rau_downsample_conv", x, weight, bias)
     if not triton_runs_on(x.device):
-        return reference.rau_downsample_conv(x, weight, bias)
+        with without_autocast(x.device):
+            return reference.rau_downsample_conv(x, weight, bias)
     return _launch(x, weight, bias, out_size, (0.0, 0.0), upsample=False)
 
 
@@ -213,7 +214,8 @@ def _upsample_op(
     op = "hidiff::upsample_conv"
     out_size, factors = check_conv_args(op, x, weight, bias, upsample=True, size=size, scale_factor=scale_factor)
     if not triton_runs_on(x.device):
-        return reference.upsample_conv(x, weight, bias, size=size, scale_factor=scale_factor)
+        with without_autocast(x.device):
+            return reference.upsample_conv(x, weight, bias, size=size, scale_factor=scale_factor)
     ratios = [_nearest_ratio(n, o, None if factors is None else f, x.device)
               for n, o, f in zip(x.shape[2:], out_size, factors or (None, None))]
     return _launch(x, weight, bias, out_size, ratios, upsample=True)

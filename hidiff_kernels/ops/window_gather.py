@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._common import check_msw_args, check_no_grad
+from .._common import autocast_inputs, check_msw_args, check_no_grad
 
 
 def window_token_order(size, shift, device=None):
@@ -53,6 +53,7 @@ def window_ordered_attention(q, k, v, counts, scale):
 
 def msw_attention_gathered(q, k, v, size, shift, scale=None):
     """The same function as ``hidiff_kernels.msw_attention``, computed by gathering tokens in window order."""
+    q, k, v = autocast_inputs(q, k, v)
     size, shift, scale = check_msw_args("msw_attention_gathered", q, k, v, size, shift, scale)
     check_no_grad("msw_attention_gathered", q, k, v)
     order, counts = window_token_order(size, shift, q.device)

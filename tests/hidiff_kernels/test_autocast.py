@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import hidiff_kernels
-from hidiff_kernels import reference
+from hidiff_kernels import _common, reference
+from hidiff_kernels.ops.window_gather import msw_attention_gathered
 
 from conftest import requires_interpreter
 
@@ -39,3 +40,31 @@ def test_reference_conv_under_autocast_is_torch_conv():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(reference.rau_downsample_conv(x, w, b),
                            F.conv2d(x, w, b, stride=4, padding=2, dilation=2))
+
+
+RAW_OPS = {  # the registered ops, called without the wrappers' autocast cast
+    "rau_downsample_conv": lambda x, w, b: torch.ops.hidiff.rau_downsample_conv(x, w, b),
+    "upsample_conv": lambda x, w, b: torch.ops.hidiff.upsample_conv(x, w, b, [9, 12], None),
+    "msw_attention": lambda q, k, v: torch.ops.hidiff.msw_attention(q, k, v, 5, 7, 2, 3, None, 0.5),
+}
+
+
+@pytest.mark.parametrize("op", RAW_OPS)
+@pytest.mark.parametrize("kernel", [pytest.param(True, id="triton", marks=requires_interpreter),
+                                    pytest.param(False, id="reference-fallback")])
+def test_registered_ops_return_their_inputs_dtype_under_autocast(monkeypatch, kernel, op):
+    # as their fake does, whichever implementation runs
+    if not kernel:
+        monkeypatch.setattr(_common, "interpreter_enabled", lambda: False)
+    inputs = [torch.randn(shape) for shape in CASES[op][1]]
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert RAW_OPS[op](*inputs).dtype == torch.float32
+
+
+def test_window_gather_follows_autocast_as_msw_attention():  # the torch backend's MSW-MSA
+    q, k, v = (torch.randn(1, 35, 2, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = msw_attention_gathered(q.half(), k, v, (5, 7), (2, 3))  # uneven windows
+        expected = reference.msw_attention(q, k, v, (5, 7), (2, 3))
+    assert out.dtype == expected.dtype == torch.float16
+    torch.testing.assert_close(out, expected, rtol=3e-3, atol=3e-3)

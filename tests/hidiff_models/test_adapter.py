@@ -277,11 +277,16 @@ def test_remove_restores_bit_for_bit(unets, model):
     assert_same_snapshot(unet, before)
 
 
-def test_unfuse_after_remove_sets_back_the_original_processors(unets):
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["ours", "rebuilt-from-class"])
+def test_unfuse_after_remove_sets_back_the_original_processors(unets, rebuilt):
     # diffusers' unfuse_qkv_projections sets back the processors fuse_qkv_projections saw: ours, fused after apply
     unet = unets["sd15"]
     originals = dict(unet.attn_processors)
     apply_hidiffusion(unet, backend="torch")
+    if rebuilt:  # as unload_ip_adapter leaves them: unbound until the next UNet call
+        unet.set_attn_processor({name: type(p)() for name, p in unet.attn_processors.items()})
+        window_sites = {f"{block}.attn1.processor" for block in adapter.LAYOUTS["sd15"].window_blocks}
+        originals = {name: p for name, p in originals.items() if name in window_sites}  # the others are new
     unet.fuse_qkv_projections()
     remove_hidiffusion(unet)
     unet.unfuse_qkv_projections()
@@ -350,9 +355,14 @@ def test_replaced_window_processors_are_reported_for_each_patch_at_the_unet_call
             unet.set_attn_processor(AttnProcessor2_0())
             run(unet, sample, kwargs, step=9)
             run(unet, sample, kwargs, step=9)  # the same UNet driven by hand: warned already
+        exec("run(unet, sample, kwargs, step=9)", dict(run=run, unet=unet, sample=sample, kwargs=kwargs))
+        apply_hidiffusion(unet, backend="torch")
+        unet.set_attn_processor(AttnProcessor2_0())
+        exec("with torch.no_grad(), denoising_step(unet, 9, 10): unet(sample, 500, **kwargs)",
+             dict(torch=torch, denoising_step=denoising_step, unet=unet, sample=sample, kwargs=kwargs))
     replaced = [w for w in caught if "window-attention processors were replaced" in str(w.message)]
-    assert len(replaced) == 2
-    assert all(w.filename == __file__ for w in replaced)  # run() calls the UNet
+    assert len(replaced) == 3  # (the third from code without a module name)
+    assert all(w.filename == __file__ for w in replaced[:2])  # run() calls the UNet
 
 
 def test_gradient_checkpointing_recompute_needs_a_pinned_shift(unets):
