@@ -78,12 +78,11 @@ class HiDiffusionState:
         # generations are interrupted or nested (another pipeline called from a callback).
         self.call_generators = weakref.WeakKeyDictionary()
         self.warned_replaced = weakref.WeakKeyDictionary()  # pipeline call (or self) -> replaced sites warned about
-        self.window_sites = []  # (attention, its WindowAttnProcessor), in the order of their phase indices
+        self.window_sites = []  # (attention, its WindowAttnProcessor), in the order their window phases are drawn
         self.pag_sites = []  # (attention, PAG's processor) swapped for the UNet call in progress
         self.retired = False  # removed, or replaced by another apply: its processors run stock attention
         self.in_call = False
         self.ops = INACTIVE  # ActiveOps of the UNet call in progress
-        self.phases = None  # window phase k of each processor for the UNet call in progress, on its device
         self.pre_pool_size = None
         self.rad_conv_site = None  # (downsampler, its conv) of RAD-conv, for LoRA convs beside the conv
         self.undo = []  # undos of the patches on modules and pipelines, undone last first
@@ -120,10 +119,11 @@ class HiDiffusionState:
         copied.call_lock = threading.RLock()
         return copied
 
-    def phase(self, index):
-        """Window phase k in {0..3} of processor ``index`` for the UNet call in progress: the pinned int, or a
-        0-d tensor on the UNet's device (drawn values reach the kernels without a recompile or CUDA graph
-        re-recording per draw)."""
+    def phase(self, processor):
+        """Window phase k in {0..3} of ``processor`` for the UNet call in progress: the pinned int, or the 0-d
+        tensor on the UNet's device drawn for it (drawn values reach the kernels without a recompile or CUDA
+        graph re-recording per draw; held by the processor, so the blocks that share code under regional
+        compilation (``compile_repeated_blocks``) share its graph too)."""
         if self.pinned_phase is not None:
             return self.pinned_phase
         if not self.in_call:
@@ -131,7 +131,7 @@ class HiDiffusionState:
                 "HiDiffusion window attention ran outside a call of its patched UNet: a UNet compiled before "
                 "apply_hidiffusion (apply it before torch.compile), or gradient checkpointing recomputing blocks in "
                 "backward (HiDiffusion is for inference: disable gradient checkpointing, or pin window_shift)")
-        return self.phases[index]
+        return processor.phase
 
     @torch.compiler.disable
     def before_unet(self, unet, args, kwargs):
@@ -173,8 +173,10 @@ class HiDiffusionState:
                 generator = self.call_generators[call]
             phases = torch.randint(4, (len(self.window_sites),), generator=generator)
             # Pinned memory: the copy does not make the host wait for the work queued on the GPU.
-            self.phases = (phases.pin_memory().to(sample.device, non_blocking=True) if sample.is_cuda
-                           else phases.to(sample.device))
+            phases = (phases.pin_memory().to(sample.device, non_blocking=True) if sample.is_cuda
+                      else phases.to(sample.device))
+            for (_, processor), phase in zip(self.window_sites, phases.unbind()):
+                processor.phase = phase
         return args, kwargs
 
     def raunet_ops(self, unet, sample, args, kwargs):
@@ -202,7 +204,8 @@ class HiDiffusionState:
         self.pag_sites = []
         self.in_call = False
         self.ops = INACTIVE
-        self.phases = None
+        for _, processor in self.window_sites:
+            processor.phase = None
         self.pre_pool_size = None
 
 
@@ -338,9 +341,9 @@ def _install(unet, layout, state):
     undo = state.undo
     if state.apply_window_attn:
         processors_by_transformer = {}
-        for index, name in enumerate(layout.window_blocks):
+        for name in layout.window_blocks:
             attn = modules[name].attn1
-            processor = WindowAttnProcessor(state, index)
+            processor = WindowAttnProcessor(state)
             state.window_sites.append((attn, processor))
             undo.append(raunet.patch(_restore_processor, unet, f"{name}.attn1.processor", attn, attn.processor,
                                      processor))

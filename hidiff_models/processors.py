@@ -26,9 +26,9 @@ class WindowAttnProcessor:
     UNet's own without HiDiffusion (diffusers' own copy, for ``unfuse_qkv_projections``, gets the originals back).
     """
 
-    def __init__(self, state=None, index=None):
+    def __init__(self, state=None):
         self.state = state  # None: unbound
-        self.index = index  # which of the UNet call's window phases is this block's
+        self.phase = None  # this block's window phase drawn for the UNet call in progress (see state.phase)
         self.feature_size = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
@@ -47,7 +47,7 @@ class WindowAttnProcessor:
         if h * w != tokens:
             raise RuntimeError(f"HiDiffusion window attention: feature map {h}x{w} does not match {tokens} tokens")
 
-        shift = shift_for_phase(h, w, self.state.phase(self.index))
+        shift = shift_for_phase(h, w, self.state.phase(self))
         fused = uses_triton(self.state.backend, hidden_states.device)
         out = window_attention(attn, hidden_states, (h, w), shift, fused)
         out = attn.to_out[1](out)  # dropout

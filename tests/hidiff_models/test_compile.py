@@ -18,7 +18,7 @@ from torch._dynamo.utils import counters
 
 import hidiff_models
 from hidiff_models import apply_hidiffusion, denoising_step
-from hidiff_models.configs import build_unet
+from hidiff_models.configs import POOLED_TEXT_DIM, build_unet
 from hidiff_models.schedule import active_ops
 
 from conftest import relative_error
@@ -131,12 +131,34 @@ def test_random_window_phases_do_not_recompile_per_draw():
     draws = {tuple(torch.randint(4, (5,), generator=gen).tolist()) for _ in range(calls)}
     assert len(draws) == calls
     # One graph serves every draw (5 blocks x 4 phases would otherwise be a graph per call), and the phases are
-    # not symbolic ints (CUDA graph trees record a graph per distinct int) but the values of one int64 input.
+    # not symbolic ints (CUDA graph trees record a graph per distinct int) but the values of int64 inputs, one
+    # per block.
     assert len(backend.graphs) == 1, len(backend.graphs)
     assert "index_select" in backend.graphs[-1].code
     inputs = backend.inputs[-1]
     assert not [x for x in inputs if isinstance(x, (int, torch.SymInt))]
-    assert [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor) and x.dtype == torch.int64] == [(5,)]
+    assert [tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor) and x.dtype == torch.int64] == [()] * 5
+
+
+@pytest.mark.parametrize("window_shift", [None, 1])
+def test_regional_compilation_shares_graphs_across_window_blocks(window_shift):
+    # compile_repeated_blocks compiles BasicTransformerBlock.forward once for all its instances: SDXL's 10 window
+    # blocks must not each need their own graph (past dynamo's recompile limit of 8, fullgraph=True fails).
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 32, 32, generator=gen)
+    kwargs = dict(encoder_hidden_states=torch.randn(1, 7, 32, generator=gen), added_cond_kwargs=dict(
+        text_embeds=torch.randn(1, POOLED_TEXT_DIM["tiny"], generator=gen), time_ids=torch.randn(1, 6, generator=gen)))
+    eager, traced = (apply_hidiffusion(build_unet("sdxl", "tiny", seed=1), backend="torch", generator=3,
+                                       window_shift=window_shift) for _ in "ab")
+    backend = CountingBackend()
+    traced.compile_repeated_blocks(backend=backend, fullgraph=True)
+    steps = (0, 1, NUM_STEPS - 1)  # RAU-Net phases: RAD-conv, RAD-conv, none
+    for step in steps:
+        with torch.no_grad(), denoising_step(eager, step, NUM_STEPS), denoising_step(traced, step, NUM_STEPS):
+            expected = eager(sample, 500, **kwargs).sample
+            assert relative_error(traced(sample, 500, **kwargs).sample, expected) < 1e-5, step
+    # The graphs dynamo tells apart by the blocks' shapes and processors: as many with drawn phases as pinned.
+    assert len(backend.graphs) == 3
 
 
 def test_pag_composition_compiles_once():
