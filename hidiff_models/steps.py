@@ -178,14 +178,17 @@ def tracking_class(cls):
     cls = untracked_class(cls)
     if cls not in _TRACKING_CLASSES:
         signature = inspect.signature(cls.__call__)
+        var_keyword = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
 
         @functools.wraps(cls.__call__)
         def __call__(self, *args, **kwargs):
-            try:  # denoising_end by keyword or by position
-                denoising_end = signature.bind_partial(self, *args, **kwargs).arguments.get("denoising_end")
+            try:  # by keyword or by position; a modular pipeline takes every input as **kwargs
+                arguments = signature.bind_partial(self, *args, **kwargs).arguments
+                arguments.update(arguments.pop(var_keyword[0], {}) if var_keyword else {})
             except TypeError:  # arguments the pipeline's own call refuses, with its own message
-                denoising_end = None
-            token = _pipeline_call.set(PipelineCall(self, pipeline_flags(self), denoising_end))
+                arguments = {}
+            call = PipelineCall(self, pipeline_flags(self, arguments), arguments.get("denoising_end"))
+            token = _pipeline_call.set(call)
             try:
                 return cls.__call__(self, *args, **kwargs)
             finally:
@@ -208,12 +211,23 @@ def untracked_class(cls):
     return cls.__dict__.get("_hidiff_base_class", cls)
 
 
-def pipeline_flags(pipe):
-    """The schedule variants a pipeline selects: ControlNet text-to-image, inpainting, Playground."""
-    class_name = untracked_class(type(pipe)).__name__
-    image_to_image = "Img2Img" in class_name or "Inpaint" in class_name
+def pipeline_flags(pipe, arguments):
+    """The schedule variants a pipeline call selects: ControlNet text-to-image, inpainting, Playground.
+
+    A pipeline's class tells its task, except a modular pipeline's (one class runs every task, chosen by the
+    inputs of the call, ``arguments`` by name).
+    """
+    cls = untracked_class(type(pipe))
+    if any(c.__name__ == "ModularPipeline" for c in cls.__mro__):
+        image_to_image = arguments.get("image") is not None
+        inpainting = arguments.get("mask_image") is not None
+        controlnet = arguments.get("control_image") is not None
+    else:
+        image_to_image = "Img2Img" in cls.__name__ or "Inpaint" in cls.__name__
+        inpainting = "Inpaint" in cls.__name__
+        controlnet = getattr(pipe, "controlnet", None) is not None
     return dict(
-        controlnet=getattr(pipe, "controlnet", None) is not None and not image_to_image,
-        inpainting="Inpaint" in class_name,
+        controlnet=controlnet and not image_to_image,
+        inpainting=inpainting,
         playground="playground" in checkpoint_name(str(getattr(pipe, "name_or_path", "") or "")),
     )

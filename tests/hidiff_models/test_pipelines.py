@@ -19,7 +19,7 @@ from diffusers import (
     StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
     StableDiffusionAdapterPipeline, StableDiffusionPAGPipeline, StableDiffusionPanoramaPipeline,
     StableDiffusionPipeline, StableDiffusionSAGPipeline, StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInstructPix2PixPipeline, StableDiffusionXLPipeline, T2IAdapter, UNet2DConditionModel,
+    StableDiffusionXLInpaintPipeline, StableDiffusionXLInstructPix2PixPipeline, StableDiffusionXLPipeline, T2IAdapter, UNet2DConditionModel,
 )
 from transformers import (
     CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
@@ -433,6 +433,29 @@ def test_denoising_end_passed_by_position(parts, schedule_log):
     args = [values.get(p.name, p.default) for p in parameters[:names.index("denoising_end") + 1]]
     base(*args, output_type="latent", generator=torch.Generator().manual_seed(0))
     assert [(s, n) for s, n, _ in schedule_log] == [(s, 6) for s in range(6)]
+
+
+def test_modular_pipeline_runs_the_schedule_of_the_classic_pipeline_for_the_same_task(parts, schedule_log):
+    # One modular SDXL pipeline class runs every task, chosen by the call's inputs (all taken as **kwargs); each
+    # step's UNet calls (two: its guider runs CFG as separate calls) get what the classic pipeline's call gets.
+    modular_pipelines = pytest.importorskip("diffusers.modular_pipelines")
+    classic = sdxl_pipe(parts)
+    modular = modular_pipelines.StableDiffusionXLAutoBlocks().init_pipeline()
+    modular.update_components(**{k: v for k, v in classic.components.items() if v is not None})
+    apply_hidiffusion(modular, backend="torch")
+    image, mask = torch.rand(1, 3, 64, 64), (torch.rand(1, 1, 64, 64) > 0.5).float()
+    inpaint = StableDiffusionXLInpaintPipeline.from_pipe(classic)
+    apply_hidiffusion(classic, backend="torch")
+    apply_hidiffusion(inpaint, backend="torch")
+    for task, pipe, kwargs in [("denoising_end", classic, dict(denoising_end=0.6)),
+                               ("inpainting", inpaint, dict(image=image, mask_image=mask, strength=0.99))]:
+        schedule_log.clear()
+        generate(pipe, steps=10, **kwargs)
+        expected = schedule_log[:]
+        schedule_log.clear()
+        modular(prompt=PROMPT, height=64, width=64, num_inference_steps=10, output="latents",
+                generator=torch.Generator().manual_seed(0), **kwargs)
+        assert schedule_log[::2] == schedule_log[1::2] == expected, task
 
 
 @pytest.mark.parametrize("scheduler", [EulerDiscreteScheduler, DDIMScheduler])

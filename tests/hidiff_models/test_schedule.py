@@ -95,6 +95,6 @@ def test_checkpoint_name(name_or_path, name):
 
 def test_playground_is_known_by_the_checkpoint_name_not_a_parent_folder():
     pipe = types.SimpleNamespace(name_or_path="/home/me/playground-tests/sdxl-base")
-    assert not pipeline_flags(pipe)["playground"]
+    assert not pipeline_flags(pipe, {})["playground"]
     pipe.name_or_path = "playgroundai/playground-v2.5-1024px-aesthetic"
-    assert pipeline_flags(pipe)["playground"]
+    assert pipeline_flags(pipe, {})["playground"]
