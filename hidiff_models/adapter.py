@@ -143,6 +143,11 @@ class HiDiffusionState:
         if len(args) > 2:  # by name, where the residuals (ControlNet, T2I-Adapter) are looked for below
             args, kwargs = (), _by_name(unet, args, kwargs)
         call = steps.pipeline_call()
+        net = getattr(call and call.pipeline, "controlnet", None)
+        if net is not None and self.model_type in controlnet.SDXL_MODEL_TYPES and not controlnet.is_scheduled(
+                net, self.undo):
+            raise ValueError("HiDiffusion: this pipeline's ControlNet was set after apply_hidiffusion, so it would run "
+                             "without the SDXL ControlNet schedule: call apply_hidiffusion(pipe) again")
         sample = args[0] if args else kwargs["sample"]
         for attn, processor in self.window_sites:
             if _is_unbound_window_processor(attn.processor):
@@ -383,7 +388,7 @@ def _schedule_controlnets(state, pipes):
     ControlNet: from_pipe pipelines share theirs."""
     for pipe in pipes:
         net = getattr(pipe, "controlnet", None)
-        if net is not None and all(net is not done for _, done in controlnet.scheduled_pipelines(state.undo)):
+        if net is not None and not controlnet.is_scheduled(net, state.undo):
             state.undo.append(controlnet.install_sdxl_controlnet(pipe, state))
 
 

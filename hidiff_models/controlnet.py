@@ -166,6 +166,11 @@ def scheduled_pipelines(undo):
     return [(u.pipe, u.controlnet) for u in undo if isinstance(u, _PipelineUndo)]
 
 
+def is_scheduled(net, undo):
+    """Whether ControlNet ``net`` was patched by an install_sdxl_controlnet among the undo callables ``undo``."""
+    return any(net is done for _, done in scheduled_pipelines(undo))
+
+
 def _nothing_to_undo():
     pass
 

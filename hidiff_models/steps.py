@@ -187,6 +187,8 @@ def tracking_class(cls):
                 arguments.update(arguments.pop(var_keyword[0], {}) if var_keyword else {})
             except TypeError:  # arguments the pipeline's own call refuses, with its own message
                 arguments = {}
+            # A modular pipeline's PipelineState holds the inputs not given by keyword
+            arguments = {**getattr(arguments.get("state"), "values", {}), **arguments}
             call = PipelineCall(self, pipeline_flags(self, arguments), arguments.get("denoising_end"))
             token = _pipeline_call.set(call)
             try:
@@ -215,13 +217,16 @@ def pipeline_flags(pipe, arguments):
     """The schedule variants a pipeline call selects: ControlNet text-to-image, inpainting, Playground.
 
     A pipeline's class tells its task, except a modular pipeline's (one class runs every task, chosen by the
-    inputs of the call, ``arguments`` by name).
+    inputs of the call, ``arguments`` by name: images, or the latents and masks its encoder blocks make of them).
     """
     cls = untracked_class(type(pipe))
     if any(c.__name__ == "ModularPipeline" for c in cls.__mro__):
-        image_to_image = arguments.get("image") is not None
-        inpainting = arguments.get("mask_image") is not None
-        controlnet = arguments.get("control_image") is not None
+        def given(*names):
+            return any(arguments.get(name) is not None for name in names)
+
+        image_to_image = given("image", "image_latents")
+        inpainting = given("mask_image", "mask")
+        controlnet = given("control_image", "controlnet_cond")
     else:
         image_to_image = "Img2Img" in cls.__name__ or "Inpaint" in cls.__name__
         inpainting = "Inpaint" in cls.__name__

@@ -279,6 +279,19 @@ def test_applying_to_another_pipeline_keeps_the_controlnet_schedule(small_base, 
     assert "forward" not in pipe.controlnet.__dict__
 
 
+def test_controlnet_set_after_apply_is_refused_until_applied_again(small_base):
+    # A ControlNet swapped in after apply (a modular pipeline's update_components does that too) would run at
+    # every step at full size: the UNet's first call refuses, and applying again schedules it.
+    pipe = apply(tiny.build_pipeline())
+    pipe.controlnet = tiny.tiny_controlnet(tiny.SEEDS["controlnet_2"])
+    with pytest.raises(ValueError, match="ControlNet was set after apply_hidiffusion"):
+        tiny.generate(pipe, "text2img", num_inference_steps=3)
+    apply(pipe)
+    spy = Spy(pipe)
+    tiny.generate(pipe, "text2img", num_inference_steps=3)
+    assert spy.controlnet == [(0, (2, 4, 16, 8), (2, 3, 128, 64))] * 2
+
+
 def test_sd15_type_and_no_controlnet_are_untouched():
     controlnet = torch.nn.Linear(1, 1)
     for model_type, pipe in (("sd15", types.SimpleNamespace(controlnet=controlnet, unet=None)),

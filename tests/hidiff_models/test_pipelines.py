@@ -436,25 +436,37 @@ def test_denoising_end_passed_by_position(parts, schedule_log):
 
 
 def test_modular_pipeline_runs_the_schedule_of_the_classic_pipeline_for_the_same_task(parts, schedule_log):
-    # One modular SDXL pipeline class runs every task, chosen by the call's inputs (all taken as **kwargs); each
-    # step's UNet calls (two: its guider runs CFG as separate calls) get what the classic pipeline's call gets.
+    # One modular SDXL pipeline class runs every task, chosen by the call's inputs (all taken as **kwargs, or from
+    # a PipelineState); each step's UNet calls (two: its guider runs CFG as separate calls) get what the classic
+    # pipeline's call gets.
     modular_pipelines = pytest.importorskip("diffusers.modular_pipelines")
     classic = sdxl_pipe(parts)
     modular = modular_pipelines.StableDiffusionXLAutoBlocks().init_pipeline()
     modular.update_components(**{k: v for k, v in classic.components.items() if v is not None})
     apply_hidiffusion(modular, backend="torch")
-    image, mask = torch.rand(1, 3, 64, 64), (torch.rand(1, 1, 64, 64) > 0.5).float()
+    images = dict(image=torch.rand(1, 3, 64, 64), mask_image=(torch.rand(1, 1, 64, 64) > 0.5).float())
+    state = modular_pipelines.PipelineState()
+    for name, value in images.items():
+        state.set(name, value)
+    # what its VAE-encoder blocks, run on their own (a node), make of the images
+    encoder = modular.blocks.sub_blocks["vae_encoder"].init_pipeline()
+    encoder.update_components(**{name: getattr(modular, name) for name in encoder.component_names})
+    latents = encoder(**images, height=64, width=64, output=["image_latents", "mask"])
     inpaint = StableDiffusionXLInpaintPipeline.from_pipe(classic)
     apply_hidiffusion(classic, backend="torch")
     apply_hidiffusion(inpaint, backend="torch")
-    for task, pipe, kwargs in [("denoising_end", classic, dict(denoising_end=0.6)),
-                               ("inpainting", inpaint, dict(image=image, mask_image=mask, strength=0.99))]:
+    for task, pipe, kwargs, modular_kwargs in [
+        ("denoising_end", classic, dict(denoising_end=0.6), dict(denoising_end=0.6)),
+        ("inpainting", inpaint, dict(images, strength=0.99), dict(images, strength=0.99)),
+        ("inpainting from a state", inpaint, dict(images, strength=0.99), dict(state=state, strength=0.99)),
+        ("inpainting from latents", inpaint, dict(images, strength=0.99), dict(latents, strength=0.99)),
+    ]:
         schedule_log.clear()
         generate(pipe, steps=10, **kwargs)
         expected = schedule_log[:]
         schedule_log.clear()
         modular(prompt=PROMPT, height=64, width=64, num_inference_steps=10, output="latents",
-                generator=torch.Generator().manual_seed(0), **kwargs)
+                generator=torch.Generator().manual_seed(0), **modular_kwargs)
         assert schedule_log[::2] == schedule_log[1::2] == expected, task
 
 
