@@ -22,7 +22,7 @@ from hidiff_kernels import triton_runs_on
 
 from . import controlnet, raunet, steps
 from .ops import BACKENDS
-from .processors import PAG_CHUNKS, PerturbedWindowAttnProcessor, WindowAttnProcessor
+from .processors import PAG_CHUNKS, PerturbedWindowAttnProcessor, WindowAttnProcessor, register_for_layer_skip
 from .schedule import MODEL_TYPES, ActiveOps, active_ops, checkpoint_name, named_model_type
 
 STATE_ATTR = "_hidiffusion"
@@ -358,6 +358,7 @@ def _install(unet, layout, state):
             undo.append(modules[transformer_name].register_forward_pre_hook(
                 raunet.patch(_record_feature_size, processors), with_kwargs=True).remove)
         undo.append(raunet.override_method(unet, "set_default_attn_processor", _set_default_attn_processor, unet))
+        register_for_layer_skip()
     if state.apply_raunet:
         if layout.rad_conv is not None:
             conv = _unwrapped(modules[layout.rad_conv])

@@ -48,12 +48,34 @@ class WindowAttnProcessor:
             raise RuntimeError(f"HiDiffusion window attention: feature map {h}x{w} does not match {tokens} tokens")
 
         shift = shift_for_phase(h, w, self.state.phase(self))
-        fused = uses_triton(self.state.backend, hidden_states.device)
+        fused = uses_triton(self.state.backend, hidden_states.device) and not _attention_scores_skipped()
         out = window_attention(attn, hidden_states, (h, w), shift, fused)
         out = attn.to_out[1](out)  # dropout
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
+
+
+def register_for_layer_skip():
+    """diffusers' layer-skip hooks (``apply_layer_skip``; the PAG and skip-layer guiders of modular pipelines) look
+    up how to skip an attention by its processor's class: a window block skips as the AttnProcessor2_0 it replaced
+    (its attention's output is its input). No-op on a diffusers without them."""
+    try:
+        from diffusers.hooks._helpers import AttentionProcessorRegistry
+
+        AttentionProcessorRegistry.register(WindowAttnProcessor, AttentionProcessorRegistry.get(AttnProcessor2_0))
+    except (ImportError, ValueError):
+        pass
+
+
+def _attention_scores_skipped():
+    """Whether a diffusers layer-skip hook replaces the attention scores (the PAG guider's identity attention): it
+    intercepts F.scaled_dot_product_attention, which the torch path calls per window and the fused kernel does
+    not. Not checked while torch.compile traces (the fused kernel runs there)."""
+    if torch.compiler.is_compiling():
+        return False
+    modes = torch.overrides._get_current_function_mode_stack()
+    return any(type(mode).__name__ == "AttentionScoreSkipFunctionMode" for mode in modes)
 
 
 # diffusers' PAG processors of UNet self-attention, by the number of chunks in the batch they perturb the last of

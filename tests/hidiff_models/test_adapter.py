@@ -167,6 +167,31 @@ def test_window_attention_matches_partition_reference(unets, monkeypatch, model,
     assert launches["msw"] == (len(reference.transformer_blocks) if backend == "triton" else 0)
 
 
+@pytest.mark.parametrize("skip", ["skip_attention", "skip_attention_scores"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+def test_layer_skip_hooks_set_after_apply_skip_window_attention(built, skip, backend):
+    # diffusers' layer-skip hooks (the PAG and skip-layer guiders of modular pipelines set them on every guided
+    # step) look the skip up by processor class, and PAG's identity attention intercepts SDPA, which the fused
+    # kernel does not call. A skipped attention does not depend on its windows: the vanilla block's result.
+    layer_skip = pytest.importorskip("diffusers.hooks.layer_skip")
+    config = dict(indices=[0], fqn="transformer_blocks", skip_ff=False, skip_attention=skip == "skip_attention",
+                  skip_attention_scores=skip == "skip_attention_scores")
+    channels = module(built["sd15"], WINDOW_TRANSFORMER["sd15"]).config.in_channels
+    x, context = torch.randn(2, channels, 8, 8), torch.randn(2, 7, 32)
+    outputs = {}
+    for patched, skipped in ((False, True), (True, False), (True, True)):
+        unet = copy.deepcopy(built["sd15"])
+        if patched:
+            apply_hidiffusion(unet, backend=backend, apply_raunet=False, window_shift=1)
+        transformer = module(unet, WINDOW_TRANSFORMER["sd15"])
+        if skipped:
+            layer_skip.apply_layer_skip(transformer, layer_skip.LayerSkipConfig(**config))
+        with torch.no_grad():
+            outputs[patched, skipped] = transformer(x, encoder_hidden_states=context, return_dict=False)[0]
+    torch.testing.assert_close(outputs[True, True], outputs[False, True], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outputs[True, True], outputs[True, False], atol=1e-3)
+
+
 # The transformers are called with diffusers' default return_dict=True so that the wrappers' output-object path is
 # covered (the UNet itself takes the tuple path); that default output class is deprecated in diffusers.
 @pytest.mark.filterwarnings("ignore:`Transformer2DModelOutput` is deprecated:FutureWarning")
