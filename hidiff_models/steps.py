@@ -75,8 +75,8 @@ def current_step(unet, timestep):
             "HiDiffusion's RAU-Net needs the denoising step of each UNet call: call the UNet through a pipeline "
             "passed to apply_hidiffusion (a pipeline made since with from_pipe needs its own apply_hidiffusion), "
             "or wrap the call in `with hidiff_models.denoising_step(unet, step, n):`. Pipeline methods other than "
-            "__call__ (an inversion's invert()) are not tracked: run them before apply_hidiffusion, or apply it "
-            "with apply_raunet=False"
+            "__call__ (an inversion's invert(): run it before apply_hidiffusion, or apply with apply_raunet=False) "
+            "and modular pipeline blocks called on their own (call a pipeline of them, applied) are not tracked"
         )
     step, n = _pipeline_step(call, timestep)
     return step, n, call

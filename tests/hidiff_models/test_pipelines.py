@@ -361,7 +361,7 @@ def test_run_of_a_tail_without_num_timesteps_or_begin_index(parts, schedule_log)
     assert sum("processors were replaced" in str(w.message) for w in caught) == 1  # once per pipeline call
     assert len(pipe.scheduler.timesteps) == 12
     assert [(s, n) for s, n, _ in schedule_log] == [(s, 10) for s in range(10)]
-    with pytest.raises(RuntimeError, match=r"invert\(\)\) are not tracked"):
+    with pytest.raises(RuntimeError, match=r"invert\(\): run it before apply_hidiffusion"):
         pipe.invert(image=image, num_inversion_steps=10, skip=0.2)
 
 
