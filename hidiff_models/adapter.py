@@ -144,8 +144,7 @@ class HiDiffusionState:
             args, kwargs = (), _by_name(unet, args, kwargs)
         call = steps.pipeline_call()
         net = getattr(call and call.pipeline, "controlnet", None)
-        if net is not None and self.model_type in controlnet.SDXL_MODEL_TYPES and not controlnet.is_scheduled(
-                net, self.undo):
+        if net is not None and self.model_type in controlnet.SDXL_MODEL_TYPES and not controlnet.runs_schedule(net):
             raise ValueError("HiDiffusion: this pipeline's ControlNet was set after apply_hidiffusion, so it would run "
                              "without the SDXL ControlNet schedule: call apply_hidiffusion(pipe) again")
         sample = args[0] if args else kwargs["sample"]

@@ -167,8 +167,19 @@ def scheduled_pipelines(undo):
 
 
 def is_scheduled(net, undo):
-    """Whether ControlNet ``net`` was patched by an install_sdxl_controlnet among the undo callables ``undo``."""
-    return any(net is done for _, done in scheduled_pipelines(undo))
+    """Whether ControlNet ``net`` (compiled since or not) was patched by an install_sdxl_controlnet among the undo
+    callables ``undo``."""
+    return any(_unwrapped(net) is _unwrapped(done) for _, done in scheduled_pipelines(undo))
+
+
+def runs_schedule(net):
+    """Whether ControlNet ``net`` (compiled before or after the patch, or not) runs the SDXL ControlNet schedule."""
+    return any(getattr(m.__dict__.get("forward"), "func", None) is _scheduled_controlnet_forward
+               for m in (net, _unwrapped(net)))
+
+
+def _unwrapped(net):
+    return getattr(net, "_orig_mod", net)  # torch.compile's wrapper
 
 
 def _nothing_to_undo():

@@ -288,8 +288,12 @@ def test_controlnet_set_after_apply_is_refused_until_applied_again(small_base):
         tiny.generate(pipe, "text2img", num_inference_steps=3)
     apply(pipe)
     spy = Spy(pipe)
-    tiny.generate(pipe, "text2img", num_inference_steps=3)
+    expected = tiny.generate(pipe, "text2img", num_inference_steps=3)
     assert spy.controlnet == [(0, (2, 4, 16, 8), (2, 3, 128, 64))] * 2
+    pipe.controlnet = torch.compile(pipe.controlnet, backend="eager")  # compiled after apply: keeps its schedule
+    assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), expected)
+    apply(pipe)  # and applying again does not patch it twice
+    assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), expected)
 
 
 def test_sd15_type_and_no_controlnet_are_untouched():
