@@ -143,7 +143,8 @@ class HiDiffusionState:
         if len(args) > 2:  # by name, where the residuals (ControlNet, T2I-Adapter) are looked for below
             args, kwargs = (), _by_name(unet, args, kwargs)
         call = steps.pipeline_call()
-        net = getattr(call and call.pipeline, "controlnet", None)
+        by_pipeline = call is not None and steps.explicit_step(unet) is None  # not by hand, from a callback
+        net = getattr(call.pipeline, "controlnet", None) if by_pipeline else None
         if net is not None and self.model_type in controlnet.SDXL_MODEL_TYPES and not controlnet.runs_schedule(net):
             raise ValueError("HiDiffusion: this pipeline's ControlNet was set after apply_hidiffusion, so it would run "
                              "without the SDXL ControlNet schedule: call apply_hidiffusion(pipe) again")
@@ -169,7 +170,7 @@ class HiDiffusionState:
             self.ops = self.raunet_ops(unet, sample, args, kwargs)
         if self.pinned_phase is None:
             # A call under denoising_step inside a pipeline call (from a callback) is the user's, not the generation's
-            if call is None or steps.explicit_step(unet) is not None:
+            if not by_pipeline:
                 generator = self.bare_generator
             else:
                 if call not in self.call_generators:

@@ -178,17 +178,19 @@ def tracking_class(cls):
     cls = untracked_class(cls)
     if cls not in _TRACKING_CLASSES:
         signature = inspect.signature(cls.__call__)
-        var_keyword = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+        var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        modular = is_modular(cls)
 
         @functools.wraps(cls.__call__)
         def __call__(self, *args, **kwargs):
-            try:  # by keyword or by position; a modular pipeline takes every input as **kwargs
-                arguments = signature.bind_partial(self, *args, **kwargs).arguments
-                arguments.update(arguments.pop(var_keyword[0], {}) if var_keyword else {})
+            try:  # by keyword or by position
+                arguments = dict(signature.bind_partial(self, *args, **kwargs).arguments)
             except TypeError:  # arguments the pipeline's own call refuses, with its own message
                 arguments = {}
-            # A modular pipeline's PipelineState holds the inputs not given by keyword
-            arguments = {**getattr(arguments.get("state"), "values", {}), **arguments}
+            if modular:  # its inputs come as **kwargs, or in the PipelineState it is given
+                values = getattr(arguments.get("state"), "values", None)
+                arguments = {**(values if isinstance(values, dict) else {}), **arguments.pop(var_keyword, {}),
+                             **arguments}
             call = PipelineCall(self, pipeline_flags(self, arguments), arguments.get("denoising_end"))
             token = _pipeline_call.set(call)
             try:
@@ -213,6 +215,11 @@ def untracked_class(cls):
     return cls.__dict__.get("_hidiff_base_class", cls)
 
 
+def is_modular(cls):
+    """Whether pipeline class ``cls`` is a modular pipeline (diffusers.modular_pipelines)."""
+    return any(c.__name__ == "ModularPipeline" for c in cls.__mro__)
+
+
 def pipeline_flags(pipe, arguments):
     """The schedule variants a pipeline call selects: ControlNet text-to-image, inpainting, Playground.
 
@@ -220,7 +227,7 @@ def pipeline_flags(pipe, arguments):
     inputs of the call, ``arguments`` by name: images, or the latents and masks its encoder blocks make of them).
     """
     cls = untracked_class(type(pipe))
-    if any(c.__name__ == "ModularPipeline" for c in cls.__mro__):
+    if is_modular(cls):
         def given(*names):
             return any(arguments.get(name) is not None for name in names)
 

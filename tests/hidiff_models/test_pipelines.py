@@ -470,6 +470,12 @@ def test_modular_pipeline_runs_the_schedule_of_the_classic_pipeline_for_the_same
         assert schedule_log[::2] == schedule_log[1::2] == expected, task
 
 
+def test_keywords_a_classic_pipeline_ignores_change_nothing(parts):
+    # Its **kwargs takes (and ignores) any keyword: a denoising_end or state there is no input of its call.
+    pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    assert torch.equal(generate(pipe, steps=6, denoising_end=0.5, state={}), generate(pipe, steps=6))
+
+
 @pytest.mark.parametrize("scheduler", [EulerDiscreteScheduler, DDIMScheduler])
 def test_denoising_end_in_a_pipeline_without_num_timesteps(parts, schedule_log, scheduler):
     # SDXL InstructPix2Pix publishes no _num_timesteps: n comes from denoising_end's cutoff, not the full schedule.
