@@ -296,6 +296,23 @@ def test_controlnet_set_after_apply_is_refused_until_applied_again(small_base):
     assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), expected)
 
 
+def test_another_unet_driven_by_hand_from_a_callback_is_not_checked_against_the_controlnet(small_base):
+    pipe = apply(tiny.build_pipeline())
+    other = apply(tiny.build_pipeline()).unet  # patched with no pipeline of its own: its ControlNet is not in it
+    gen = torch.Generator().manual_seed(0)
+    kwargs = dict(encoder_hidden_states=torch.randn(1, 7, 32, generator=gen), added_cond_kwargs=dict(
+        text_embeds=torch.randn(1, 32, generator=gen), time_ids=torch.randn(1, 6, generator=gen)))
+    other_calls = []
+
+    def preview(pipe, step, timestep, callback_kwargs):
+        with torch.no_grad(), denoising_step(other, 0, 1):
+            other_calls.append(other(torch.randn(1, 4, 8, 8, generator=gen), 500, **kwargs).sample)
+        return callback_kwargs
+
+    tiny.generate(pipe, "text2img", num_inference_steps=2, callback_on_step_end=preview)
+    assert len(other_calls) == 2
+
+
 def test_sd15_type_and_no_controlnet_are_untouched():
     controlnet = torch.nn.Linear(1, 1)
     for model_type, pipe in (("sd15", types.SimpleNamespace(controlnet=controlnet, unet=None)),
