@@ -105,7 +105,7 @@ def check_sdxl_controlnet(pipe, model_type):
     controlnet = getattr(pipe, "controlnet", None)
     if pipe is None or model_type not in SDXL_MODEL_TYPES or controlnet is None:
         return
-    model = getattr(controlnet, "_orig_mod", controlnet)  # torch.compile'd
+    model = _unwrapped(controlnet)
     if not _class_names(model) & set(_SINGLE + _MULTI):
         raise ValueError(f"HiDiffusion's SDXL ControlNet schedule supports {_SINGLE + _MULTI}; this pipeline's "
                          f"controlnet is a {type(model).__name__}")
@@ -153,7 +153,7 @@ def install_sdxl_controlnet(pipe, state):
     controlnet = getattr(pipe, "controlnet", None)
     if state.model_type not in SDXL_MODEL_TYPES or controlnet is None:
         return _nothing_to_undo
-    model = getattr(controlnet, "_orig_mod", controlnet)
+    model = _unwrapped(controlnet)
     multi = bool(_class_names(model) & set(_MULTI))
     # The signature of the ControlNet's own forward, read before the override takes the place of it.
     undo = override_method(controlnet, "forward", _scheduled_controlnet_forward, pipe.unet, model, multi,
