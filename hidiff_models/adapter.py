@@ -25,7 +25,7 @@ from .ops import BACKENDS
 from .processors import PAG_CHUNKS, PerturbedWindowAttnProcessor, WindowAttnProcessor, register_for_layer_skip
 from .schedule import MODEL_TYPES, ActiveOps, active_ops, checkpoint_name, named_model_type
 
-STATE_ATTR = "_hidiffusion"
+STATE_ATTR = steps.STATE_ATTR
 INACTIVE = ActiveOps(rad_conv=False, rad_pool=False)
 _PATCHING = threading.RLock()  # one apply or remove at a time, whatever thread asks
 
@@ -145,9 +145,12 @@ class HiDiffusionState:
         call = steps.pipeline_call()
         by_pipeline = call is not None and steps.explicit_step(unet) is None  # not by hand, from a callback
         net = getattr(call.pipeline, "controlnet", None) if by_pipeline else None
-        if net is not None and self.model_type in controlnet.SDXL_MODEL_TYPES and not controlnet.runs_schedule(net):
-            raise ValueError("HiDiffusion: this pipeline's ControlNet was set after apply_hidiffusion, so it would run "
-                             "without the SDXL ControlNet schedule: call apply_hidiffusion(pipe) again")
+        net_ran = all(kwargs.get(name) is not None for name in controlnet.RESIDUAL_KWARGS)  # its residuals are here
+        if (net_ran and net is not None and self.model_type in controlnet.SDXL_MODEL_TYPES
+                and not controlnet.runs_schedule(net)):
+            raise ValueError("HiDiffusion: this pipeline's ControlNet ran without the SDXL ControlNet schedule "
+                             "(it was set after apply_hidiffusion, or another UNet's HiDiffusion scheduled it and was "
+                             "removed since): call apply_hidiffusion(pipe) again")
         sample = args[0] if args else kwargs["sample"]
         for attn, processor in self.window_sites:
             if _is_unbound_window_processor(attn.processor):
@@ -386,10 +389,11 @@ def _set_default_attn_processor(unet, diffusers_method):
 
 def _schedule_controlnets(state, pipes):
     """The original's SDXL ControlNet schedule (with or without RAU-Net) on each pipeline's ControlNet, once per
-    ControlNet: from_pipe pipelines share theirs."""
+    ControlNet: from_pipe pipelines share theirs, and so may pipelines of other patched UNets (the schedule takes
+    its step from the pipeline call that runs the ControlNet)."""
     for pipe in pipes:
         net = getattr(pipe, "controlnet", None)
-        if net is not None and not controlnet.is_scheduled(net, state.undo):
+        if net is not None and not controlnet.runs_schedule(net):
             state.undo.append(controlnet.install_sdxl_controlnet(pipe, state))
 
 

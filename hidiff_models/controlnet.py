@@ -166,12 +166,6 @@ def scheduled_pipelines(undo):
     return [(u.pipe, u.controlnet) for u in undo if isinstance(u, _PipelineUndo)]
 
 
-def is_scheduled(net, undo):
-    """Whether ControlNet ``net`` (compiled since or not) was patched by an install_sdxl_controlnet among the undo
-    callables ``undo``."""
-    return any(_unwrapped(net) is _unwrapped(done) for _, done in scheduled_pipelines(undo))
-
-
 def runs_schedule(net):
     """Whether ControlNet ``net`` (compiled before or after the patch, or not) runs the SDXL ControlNet schedule."""
     return any(getattr(m.__dict__.get("forward"), "func", None) is _scheduled_controlnet_forward

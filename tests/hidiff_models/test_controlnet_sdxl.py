@@ -284,7 +284,7 @@ def test_controlnet_set_after_apply_is_refused_until_applied_again(small_base):
     # every step at full size: the UNet's first call refuses, and applying again schedules it.
     pipe = apply(tiny.build_pipeline())
     pipe.controlnet = tiny.tiny_controlnet(tiny.SEEDS["controlnet_2"])
-    with pytest.raises(ValueError, match="ControlNet was set after apply_hidiffusion"):
+    with pytest.raises(ValueError, match="ControlNet ran without the SDXL ControlNet schedule"):
         tiny.generate(pipe, "text2img", num_inference_steps=3)
     apply(pipe)
     spy = Spy(pipe)
@@ -294,6 +294,21 @@ def test_controlnet_set_after_apply_is_refused_until_applied_again(small_base):
     assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), expected)
     apply(pipe)  # and applying again does not patch it twice
     assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), expected)
+
+
+def test_modular_pipeline_given_a_controlnet_after_apply_is_refused_only_when_it_runs(small_base):
+    # One modular pipeline runs every task: its ControlNet runs only for calls with a control image.
+    modular_pipelines = pytest.importorskip("diffusers.modular_pipelines")
+    classic = tiny.build_pipeline()
+    modular = modular_pipelines.StableDiffusionXLAutoBlocks().init_pipeline()
+    modular.update_components(**{k: v for k, v in classic.components.items() if v is not None and k != "controlnet"})
+    apply(modular)
+    kwargs = dict(prompt=tiny.PROMPT, height=tiny.HEIGHT, width=tiny.WIDTH, num_inference_steps=2, output="latents")
+    expected = modular(**kwargs, generator=torch.Generator().manual_seed(0))
+    modular.update_components(controlnet=classic.controlnet)
+    assert torch.equal(modular(**kwargs, generator=torch.Generator().manual_seed(0)), expected)
+    with pytest.raises(ValueError, match="ControlNet ran without the SDXL ControlNet schedule"):
+        modular(**kwargs, control_image=tiny.control_image())
 
 
 def test_another_unet_driven_by_hand_from_a_callback_is_not_checked_against_the_controlnet(small_base):
@@ -311,6 +326,24 @@ def test_another_unet_driven_by_hand_from_a_callback_is_not_checked_against_the_
 
     tiny.generate(pipe, "text2img", num_inference_steps=2, callback_on_step_end=preview)
     assert len(other_calls) == 2
+
+
+def test_one_controlnet_shared_by_pipelines_of_two_unets(small_base):
+    # One ControlNet loaded once for two UNets (a base model and a fine-tune): scheduled once, by the first apply.
+    expected = tiny.generate(apply(tiny.build_pipeline()), "text2img", num_inference_steps=3)
+    first, second = tiny.build_pipeline(), tiny.build_pipeline()
+    second.controlnet = first.controlnet
+    apply(first)
+    apply(second)
+    for pipe in (first, second, first):
+        assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), expected)
+    remove_hidiffusion(first)  # takes the schedule along: the other pipeline refuses until applied again
+    with pytest.raises(ValueError, match="another UNet's HiDiffusion scheduled it"):
+        tiny.generate(second, "text2img", num_inference_steps=3)
+    apply(second)
+    assert torch.equal(tiny.generate(second, "text2img", num_inference_steps=3), expected)
+    remove_hidiffusion(second)
+    assert "forward" not in first.controlnet.__dict__
 
 
 def test_sd15_type_and_no_controlnet_are_untouched():
