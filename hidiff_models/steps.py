@@ -9,12 +9,14 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from .schedule import checkpoint_name
 
+STATE_ATTR = "_hidiffusion"  # a patched UNet's attribute holding its HiDiffusion state (adapter.py)
 _explicit_steps = contextvars.ContextVar("hidiff_explicit_steps", default=())
 _pipeline_call = contextvars.ContextVar("hidiff_pipeline_call", default=None)
 
@@ -191,6 +193,12 @@ def tracking_class(cls):
                 values = getattr(arguments.get("state"), "values", None)
                 arguments = {**(values if isinstance(values, dict) else {}), **arguments.pop(var_keyword, {}),
                              **arguments}
+            unet = getattr(self, "unet", None)
+            if STATE_ATTR not in getattr(getattr(unet, "_orig_mod", unet), "__dict__", ()):  # compiled: its module
+                warnings.warn("HiDiffusion: this pipeline's UNet is not patched (set after apply_hidiffusion, or "
+                              "removed from the UNet alone): this call runs without HiDiffusion. Call "
+                              "apply_hidiffusion(pipe) again, or remove_hidiffusion(pipe) to run without it.",
+                              UserWarning, stacklevel=2)
             call = PipelineCall(self, pipeline_flags(self, arguments), arguments.get("denoising_end"))
             token = _pipeline_call.set(call)
             try:

@@ -228,6 +228,22 @@ def test_from_pipe_shares_the_patched_unet(parts):
     assert torch.equal(generate(pipe), generate(apply_hidiffusion(sd15_pipe(parts), backend="torch")))
 
 
+def test_a_unet_set_after_apply_warns_that_the_call_runs_without_hidiffusion(parts):
+    pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    pipe.unet = copy.deepcopy(parts["sd15_unet"])  # a modular pipeline's update_components(unet=...) does this too
+    with pytest.warns(UserWarning, match="UNet is not patched"):
+        assert torch.equal(generate(pipe, steps=2), generate(sd15_pipe(parts), steps=2))
+    apply_hidiffusion(pipe, backend="torch")
+    pipe.unet = torch.compile(pipe.unet, backend="eager")  # compiled after apply: the patched UNet still
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(pipe, steps=1)
+    assert not [w for w in caught if "HiDiffusion" in str(w.message)]
+    remove_hidiffusion(pipe.unet)  # from the UNet alone: the pipeline still tracks its calls
+    with pytest.warns(UserWarning, match="removed from the UNet alone"):
+        generate(pipe, steps=1)
+
+
 def in_threads(fn, args):
     """[fn(a) for a in args], run in a thread pool that switches threads often."""
     switch_interval = sys.getswitchinterval()
