@@ -192,8 +192,8 @@ class HiDiffusionState:
         shrink, and sets the RAD-conv LoRA's geometry to match."""
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         step, n, step_call = steps.current_step(unet, timestep)  # step_call is None under denoising_step
-        flags = dict(step_call.flags) if step_call else dict(controlnet=False, inpainting=False, playground=False)
-        flags["inpainting"] = flags["inpainting"] or self.inpainting
+        flags = dict(step_call.flags) if step_call else dict(controlnet=False, playground=False)
+        flags["inpainting"] = self.inpainting
         flags["playground"] = flags["playground"] or self.playground
         ops = active_ops(self.model_type, sample.shape[-2], sample.shape[-1], step, n, **flags)
         rad_conv = ops.rad_conv and self.rad_conv_site is not None  # SDXL-Turbo has no RAD-conv
@@ -273,9 +273,13 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
     if apply_raunet and any(c.__name__ == "StableDiffusionAttendAndExcitePipeline" for c in type(pipe).__mro__):
         raise ValueError(ATTEND_AND_EXCITE_REFUSAL)
 
-    playground = "playground" in checkpoint_name(_name_or_path(pipe, unet))
+    # SDXL's aggressive mode is off for inpainting and Playground models, which the original knows by their
+    # checkpoint's name (not by the pipeline: SDXL base in an inpainting pipeline runs it); an inpainting UNet
+    # (9 input channels) is known by its architecture too.
+    name = checkpoint_name(_name_or_path(pipe, unet))
     state = HiDiffusionState(model_type, backend, apply_raunet, apply_window_attn, window_shift, seed,
-                             inpainting=unet.config.in_channels == 9, playground=playground)
+                             inpainting="inpainting" in name or unet.config.in_channels == 9,
+                             playground="playground" in name)
     with _PATCHING, state.call_lock:  # a call in another thread that finds the new state waits for its install
         current = unet.__dict__.get(STATE_ATTR)
         try:

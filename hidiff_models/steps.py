@@ -229,10 +229,11 @@ def is_modular(cls):
 
 
 def pipeline_flags(pipe, arguments):
-    """The schedule variants a pipeline call selects: ControlNet text-to-image, inpainting, Playground.
+    """The schedule variants a pipeline call selects: ControlNet text-to-image, Playground (inpainting is the
+    model's, not the call's: HiDiffusionState.inpainting).
 
     A pipeline's class tells its task, except a modular pipeline's (one class runs every task, chosen by the
-    inputs of the call, ``arguments`` by name: images, or the latents and masks its encoder blocks make of them).
+    inputs of the call, ``arguments`` by name: images, or the latents its encoder blocks make of them).
     """
     cls = untracked_class(type(pipe))
     if is_modular(cls):
@@ -240,14 +241,11 @@ def pipeline_flags(pipe, arguments):
             return any(arguments.get(name) is not None for name in names)
 
         image_to_image = given("image", "image_latents")
-        inpainting = given("mask_image", "mask")
         controlnet = given("control_image", "controlnet_cond")
     else:
         image_to_image = "Img2Img" in cls.__name__ or "Inpaint" in cls.__name__
-        inpainting = "Inpaint" in cls.__name__
         controlnet = getattr(pipe, "controlnet", None) is not None
     return dict(
         controlnet=controlnet and not image_to_image,
-        inpainting=inpainting,
         playground="playground" in checkpoint_name(str(getattr(pipe, "name_or_path", "") or "")),
     )

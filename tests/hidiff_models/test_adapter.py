@@ -741,10 +741,11 @@ def test_same_settings_reapply_restarts_the_window_phases_of_bare_calls(unets):
     assert torch.equal(run(unet, sample, kwargs), first)
 
 
-@pytest.mark.parametrize("variant", ["inpainting", "playground", "turbo"])
+@pytest.mark.parametrize("variant", ["inpainting", "inpainting_name", "playground", "turbo"])
 def test_sdxl_variants_skip_the_aggressive_mode(monkeypatch, variant):
     """SDXL at 16x16 latents (the sdxl_2048 profile), step 0 of 10: aggressive RAD-conv without pooling, except
-    for inpainting UNets, Playground and SDXL-Turbo (here given explicitly), which pool instead."""
+    for inpainting UNets (9 input channels, or named so), Playground and SDXL-Turbo (here given explicitly),
+    which pool instead."""
     seen = []
     real = adapter.active_ops
 
@@ -757,6 +758,8 @@ def test_sdxl_variants_skip_the_aggressive_mode(monkeypatch, variant):
     if variant == "inpainting":
         config["in_channels"] = 9
     unet = seed_weights(UNet2DConditionModel(**config), 1).eval()
+    if variant == "inpainting_name":
+        unet.register_to_config(_name_or_path="diffusers/stable-diffusion-xl-1.0-inpainting-0.1")
     if variant == "playground":
         unet.register_to_config(_name_or_path="playgroundai/playground-v2.5-1024px-aesthetic")
     apply_hidiffusion(unet, backend="torch", apply_window_attn=False,

@@ -381,11 +381,17 @@ def test_run_of_a_tail_without_num_timesteps_or_begin_index(parts, schedule_log)
         pipe.invert(image=image, num_inversion_steps=10, skip=0.2)
 
 
-def test_inpainting_pipeline_selects_inpainting_schedule(parts, schedule_log):
-    pipe = apply_hidiffusion(sd15_pipe(parts, cls=StableDiffusionInpaintPipeline), backend="torch")
+@pytest.mark.parametrize("name, inpainting", [("org/sd-base", False), ("org/sd-inpainting", True)])
+def test_inpainting_schedule_follows_the_checkpoint_not_the_pipeline(parts, schedule_log, name, inpainting):
+    # The original turns SDXL's aggressive mode off for a checkpoint named "inpainting", whatever its pipeline:
+    # SDXL base in an inpainting pipeline runs it.
+    pipe = sd15_pipe(parts, cls=StableDiffusionInpaintPipeline)
+    pipe.register_to_config(_name_or_path=name)
+    apply_hidiffusion(pipe, backend="torch")
     out = generate(pipe, steps=3, image=torch.rand(1, 3, 64, 64), mask_image=torch.ones(1, 1, 64, 64))
     assert torch.isfinite(out).all()
-    assert [flags for _, _, flags in schedule_log] == [dict(controlnet=False, inpainting=True, playground=False)] * 3
+    expected = dict(controlnet=False, inpainting=inpainting, playground=False)
+    assert [flags for _, _, flags in schedule_log] == [expected] * 3
 
 
 def test_controlnet_residuals_follow_rau_sizes(parts, schedule_log, monkeypatch):
