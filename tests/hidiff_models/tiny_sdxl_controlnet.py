@@ -1,7 +1,9 @@
-"""A tiny SDXL ControlNet pipeline, built offline with seeded weights, identical on diffusers 0.29.2 and 0.42.
+"""Tiny SDXL ControlNet pipelines (and SDXL's plain inpainting pipeline), built offline with seeded weights,
+identical on diffusers 0.29.2 and 0.42.
 
-Shared by make_original_controlnet_fixture.py (run beside the original hidiffusion package on diffusers
-0.29.2 and transformers 4.45) and test_controlnet_sdxl.py (the project's diffusers and transformers). It
+Shared by make_original_controlnet_fixture.py and make_original_inpaint_fixture.py (run beside the original
+hidiffusion package on diffusers 0.29.2 and transformers 4.45) and test_controlnet_sdxl.py and
+test_inpaint_sdxl.py (the project's diffusers and transformers). It
 imports only torch, diffusers, transformers and fidelity_loop (which loads hidiff_models/configs.py by file
 path: the hidiff_models package itself does not import with the old diffusers). Every model's parameters are
 overwritten by configs.seed_weights, so the libraries' own initialisations never matter.
@@ -82,13 +84,9 @@ def tiny_controlnet(seed):
 
 def build_pipeline(kind="text2img", multi=False):
     """A fresh tiny SDXL ControlNet pipeline: kind "text2img", "img2img" or "inpaint"; multi: two ControlNets."""
-    import diffusers
-
     classes = dict(text2img="StableDiffusionXLControlNetPipeline", img2img="StableDiffusionXLControlNetImg2ImgPipeline",
                    inpaint="StableDiffusionXLControlNetInpaintPipeline")
     with single_thread():
-        unet = configs.seed_weights(diffusers.UNet2DConditionModel(**configs.unet_config("sdxl", "tiny")),
-                                    SEEDS["unet"]).eval()
         controlnet = tiny_controlnet(SEEDS["controlnet"])
         if multi:
             try:
@@ -97,16 +95,27 @@ def build_pipeline(kind="text2img", multi=False):
                 from diffusers.pipelines.controlnet import MultiControlNetModel
 
             controlnet = MultiControlNetModel([controlnet, tiny_controlnet(SEEDS["controlnet_2"])])
+    return build_sdxl_pipeline(classes[kind], controlnet=controlnet)
+
+
+def build_sdxl_pipeline(class_name, name_or_path=NAME_OR_PATH, **components):
+    """A fresh tiny SDXL pipeline of diffusers' class ``class_name`` named ``name_or_path``, with the tiny SDXL
+    UNet, VAE and text encoders and the further ``components`` its class takes (a ControlNet)."""
+    import diffusers
+
+    with single_thread():
+        unet = configs.seed_weights(diffusers.UNet2DConditionModel(**configs.unet_config("sdxl", "tiny")),
+                                    SEEDS["unet"]).eval()
         tokenizer = tiny_tokenizer()
-        pipe = getattr(diffusers, classes[kind])(
+        pipe = getattr(diffusers, class_name)(
             vae=tiny_vae(SEEDS["vae"]),
             text_encoder=tiny_text_encoder(16, SEEDS["text_encoder"]),
             text_encoder_2=tiny_text_encoder(16, SEEDS["text_encoder_2"], projection_dim=configs.POOLED_TEXT_DIM["tiny"]),
-            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, controlnet=controlnet,
-            scheduler=diffusers.DDIMScheduler(**DDIM_CONFIG), add_watermarker=False,
+            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet,
+            scheduler=diffusers.DDIMScheduler(**DDIM_CONFIG), add_watermarker=False, **components,
         )
     pipe.set_progress_bar_config(disable=True)
-    pipe.register_to_config(_name_or_path=NAME_OR_PATH)
+    pipe.register_to_config(_name_or_path=name_or_path)
     return pipe
 
 
@@ -148,3 +157,20 @@ def rel_err(a, b):
     """Relative error in float64: |a - b| / |b|."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm()).item()
+
+
+def inpaint_mask():
+    """A [1, 1, HEIGHT, WIDTH] mask of the image's middle, on whole latents (multiples of 8 pixels)."""
+    mask = torch.zeros(1, 1, HEIGHT, WIDTH)
+    mask[..., HEIGHT // 4:3 * HEIGHT // 4, WIDTH // 4:3 * WIDTH // 4] = 1
+    return mask
+
+
+@torch.no_grad()
+def generate_inpaint(pipe):
+    """Final latents of SDXL's plain inpainting pipeline repainting inpaint_mask() of an image from noise
+    (strength 1: all NUM_STEPS steps), with generate's prompts, guidance and seed."""
+    with single_thread():
+        return pipe(prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, image=control_image(seed=12),
+                    mask_image=inpaint_mask(), strength=1.0, num_inference_steps=NUM_STEPS, guidance_scale=GUIDANCE,
+                    height=HEIGHT, width=WIDTH, output_type="latent", generator=torch.Generator().manual_seed(0)).images
