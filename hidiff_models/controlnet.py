@@ -145,10 +145,11 @@ def install_sdxl_controlnet(pipe, state):
     """The original's SDXL ControlNet schedule on ``pipe.controlnet``; returns the undo.
 
     A no-op (returning a no-op undo) unless ``state.model_type`` is an SDXL type and the pipeline has a
-    ControlNet. During a call of the patched pipeline (or inside ``denoising_step(pipe.unet, ...)``), the
+    ControlNet. During a call of a pipeline whose UNet is patched (or inside a ``denoising_step`` block), the
     ControlNet runs on resized inputs for ``step < 0.6 n`` and otherwise returns NO_RESIDUAL markers without
-    running; the UNet's pre-call step must apply ``unet_controlnet_kwargs``. apply_hidiffusion has checked the
-    ControlNet's class (check_sdxl_controlnet) before any change.
+    running; the UNet's pre-call step must apply ``unet_controlnet_kwargs``. Elsewhere it runs as it would
+    without HiDiffusion. The override holds no UNet: pipelines of several patched UNets may share the ControlNet.
+    apply_hidiffusion has checked the ControlNet's class (check_sdxl_controlnet) before any change.
     """
     controlnet = getattr(pipe, "controlnet", None)
     if state.model_type not in SDXL_MODEL_TYPES or controlnet is None:
@@ -156,7 +157,7 @@ def install_sdxl_controlnet(pipe, state):
     model = _unwrapped(controlnet)
     multi = bool(_class_names(model) & set(_MULTI))
     # The signature of the ControlNet's own forward, read before the override takes the place of it.
-    undo = override_method(controlnet, "forward", _scheduled_controlnet_forward, pipe.unet, model, multi,
+    undo = override_method(controlnet, "forward", _scheduled_controlnet_forward, model, multi,
                            inspect.signature(model.forward))
     return _PipelineUndo(pipe, controlnet, undo)
 
@@ -198,10 +199,12 @@ class _PipelineUndo:
         return _PipelineUndo(*copy.deepcopy((self.pipe, self.controlnet, self.undo), memo))
 
 
-def _scheduled_controlnet_forward(unet, model, multi, signature, previous, *args, **kwargs):
+def _scheduled_controlnet_forward(model, multi, signature, previous, *args, **kwargs):
     arguments = signature.bind(*args, **kwargs).arguments
-    step, n, _ = steps.current_step(unet, arguments["timestep"])
-    if not controlnet_runs(step, n):
+    step = steps.generation_step(arguments["timestep"])
+    if step is None:  # not for a patched UNet (one set after apply, or HiDiffusion removed): as without HiDiffusion
+        return previous(*args, **kwargs)
+    if not controlnet_runs(*step):
         return _no_residuals(model, multi, arguments.get("return_dict", signature.parameters["return_dict"].default))
     size = controlnet_input_size(*arguments["sample"].shape[-2:])
     # Replaced where the caller put them: diffusers' decorators read some arguments from kwargs only.

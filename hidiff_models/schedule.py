@@ -63,10 +63,10 @@ def active_ops(model_type, height, width, step, n, *, controlnet=False, inpainti
 
 
 def checkpoint_name(name_or_path: str) -> str:
-    """The lowercase name of a checkpoint from its hub id or local path, where SDXL-Turbo and Playground models
-    are known by "turbo" / "playground": the last part (the folder above a unet/ folder), or in a Hugging Face
-    cache snapshot (.../models--org--name/snapshots/<revision>) models--org--name. The other folders of a local
-    path are not the model's name."""
+    """The lowercase name of a checkpoint from its hub id or local path, where SDXL-Turbo, Playground and
+    inpainting models are known by "turbo" / "playground" / "inpainting": the last part (the folder above a unet/
+    folder), or in a Hugging Face cache snapshot (.../models--org--name/snapshots/<revision>) models--org--name.
+    The other folders of a local path are not the model's name."""
     parts = [p for p in name_or_path.replace("\\", "/").lower().split("/") if p not in ("", ".")]
     if parts and parts[-1] == "unet":
         parts.pop()

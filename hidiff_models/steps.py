@@ -66,6 +66,24 @@ def explicit_step(unet):
     return None
 
 
+def is_patched(unet):
+    """Whether HiDiffusion is applied to ``unet`` (compiled by torch.compile or not)."""
+    return STATE_ATTR in getattr(getattr(unet, "_orig_mod", unet), "__dict__", ())
+
+
+def generation_step(timestep):
+    """(step, n) of a call made for a denoising step of a patched UNet (a ControlNet's, before the UNet's): of the
+    innermost denoising_step block, or of the pipeline call in progress when its pipeline's UNet is patched; None
+    when no generation with HiDiffusion is running."""
+    if _explicit_steps.get():
+        _, step, n = _explicit_steps.get()[-1]
+        return step, n
+    call = _pipeline_call.get()
+    if call is None or not is_patched(getattr(call.pipeline, "unet", None)):
+        return None
+    return _pipeline_step(call, timestep)
+
+
 def current_step(unet, timestep):
     """(step, n, pipeline_call) for a call of ``unet`` with ``timestep``; pipeline_call is None for denoising_step."""
     explicit = explicit_step(unet)
@@ -193,12 +211,11 @@ def tracking_class(cls):
                 values = getattr(arguments.get("state"), "values", None)
                 arguments = {**(values if isinstance(values, dict) else {}), **arguments.pop(var_keyword, {}),
                              **arguments}
-            unet = getattr(self, "unet", None)
-            if STATE_ATTR not in getattr(getattr(unet, "_orig_mod", unet), "__dict__", ()):  # compiled: its module
+            if not is_patched(getattr(self, "unet", None)):
                 warnings.warn("HiDiffusion: this pipeline's UNet is not patched (set after apply_hidiffusion, or "
-                              "removed from the UNet alone): this call runs without HiDiffusion. Call "
-                              "apply_hidiffusion(pipe) again, or remove_hidiffusion(pipe) to run without it.",
-                              UserWarning, stacklevel=2)
+                              "HiDiffusion removed since, through the UNet or another pipeline sharing it): this call "
+                              "runs without HiDiffusion. Call apply_hidiffusion(pipe) again, or "
+                              "remove_hidiffusion(pipe) to run without it.", UserWarning, stacklevel=2)
             call = PipelineCall(self, pipeline_flags(self, arguments), arguments.get("denoising_end"))
             token = _pipeline_call.set(call)
             try:

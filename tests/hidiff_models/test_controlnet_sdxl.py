@@ -6,8 +6,10 @@ recorded by make_original_controlnet_fixture.py. Here the same pipelines run on 
 with apply_hidiffusion(backend="torch") and the SDXL ControlNet override.
 """
 import copy
+import gc
 import pathlib
 import types
+import weakref
 
 import diffusers
 import pytest
@@ -214,9 +216,11 @@ def test_direct_call_inside_denoising_step(small_base, return_dict):
             skipped.down_block_res_samples, skipped.mid_block_res_sample)
     assert all(torch.equal(a, b) for a, b in zip((*ran[0], ran[1]), (*expected[0], expected[1])))
     assert skipped == ((cn.NO_RESIDUAL,) * len(expected[0]), cn.NO_RESIDUAL)
-    # outside a pipeline call and without denoising_step there is no step to decide with
-    with pytest.raises(RuntimeError, match="denoising step"):
-        pipe.controlnet(**inputs)
+    # outside a generation with HiDiffusion (no pipeline call, no denoising_step) it runs as without HiDiffusion
+    with torch.no_grad():
+        outside = pipe.controlnet(**inputs, return_dict=False)
+        plain = type(pipe.controlnet).forward(pipe.controlnet, **inputs, return_dict=False)
+    assert all(torch.equal(a, b) for a, b in zip((*outside[0], outside[1]), (*plain[0], plain[1])))
 
 
 def test_union_controlnet(small_base):
@@ -329,21 +333,51 @@ def test_another_unet_driven_by_hand_from_a_callback_is_not_checked_against_the_
 
 
 def test_one_controlnet_shared_by_pipelines_of_two_unets(small_base):
-    # One ControlNet loaded once for two UNets (a base model and a fine-tune): scheduled once, by the first apply.
+    # One ControlNet loaded once for two UNets (a base model and a fine-tune): scheduled once, by the first apply,
+    # holding neither UNet; each call takes the step of the generation it runs for.
     expected = tiny.generate(apply(tiny.build_pipeline()), "text2img", num_inference_steps=3)
+    vanilla = tiny.generate(tiny.build_pipeline(), "text2img", num_inference_steps=3)
     first, second = tiny.build_pipeline(), tiny.build_pipeline()
     second.controlnet = first.controlnet
     apply(first)
     apply(second)
     for pipe in (first, second, first):
         assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), expected)
+    with torch.no_grad(), denoising_step(second, step=2, num_steps=3):  # driven by hand through the other UNet
+        assert second.controlnet(**direct_inputs(second), return_dict=False)[1] is cn.NO_RESIDUAL
+    remove_hidiffusion(second)  # the schedule stays with the first; the second runs as without HiDiffusion
+    assert torch.equal(tiny.generate(second, "text2img", num_inference_steps=3), vanilla)
+    assert torch.equal(tiny.generate(first, "text2img", num_inference_steps=3), expected)
+    apply(second)
     remove_hidiffusion(first)  # takes the schedule along: the other pipeline refuses until applied again
     with pytest.raises(ValueError, match="another UNet's HiDiffusion scheduled it"):
         tiny.generate(second, "text2img", num_inference_steps=3)
     apply(second)
     assert torch.equal(tiny.generate(second, "text2img", num_inference_steps=3), expected)
     remove_hidiffusion(second)
-    assert "forward" not in first.controlnet.__dict__
+    assert "forward" not in second.controlnet.__dict__
+
+
+def test_a_shared_controlnet_keeps_no_unet_alive(small_base):
+    first, second = tiny.build_pipeline(), tiny.build_pipeline()
+    second.controlnet = first.controlnet
+    apply(first)  # schedules the ControlNet
+    apply(second)
+    first_unet = weakref.ref(first.unet)
+    del first
+    gc.collect()
+    assert first_unet() is None
+    assert torch.isfinite(tiny.generate(second, "text2img", num_inference_steps=3)).all()
+
+
+def test_unet_set_after_apply_runs_the_controlnet_pipeline_without_hidiffusion(small_base):
+    vanilla = tiny.generate(tiny.build_pipeline(), "text2img", num_inference_steps=3)
+    pipe = apply(tiny.build_pipeline())
+    pipe.unet = tiny.build_pipeline().unet
+    with pytest.warns(UserWarning, match="UNet is not patched"):
+        assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), vanilla)
+    remove_hidiffusion(pipe)
+    assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), vanilla)
 
 
 def test_sd15_type_and_no_controlnet_are_untouched():
