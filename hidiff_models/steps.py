@@ -145,8 +145,10 @@ def _is_pndm(scheduler):
 def _run_span(call, timestep):
     """(start, n): where the pipeline's run starts in its scheduler's timesteps and how many steps it runs.
 
-    n is the pipeline's ``_num_timesteps``. Pipelines that do not publish it (SDXL InstructPix2Pix, unCLIP,
-    DiffEdit, LEdits++) run from begin_index, else from the timestep of their first UNet call, to the end.
+    n is the pipeline's ``_num_timesteps``, counted up to the end of the timesteps or to a ``denoising_end`` cut.
+    Where neither n nor begin_index tells the start (pipelines that publish no n: SDXL InstructPix2Pix, unCLIP,
+    DiffEdit, LEdits++; a denoising_end cut, which SDXL pipelines publish n after and SDXL ControlNet ones before),
+    the timestep of the run's first UNet call does.
     """
     scheduler, denoising_end = call.pipeline.scheduler, call.denoising_end
     n = getattr(call.pipeline, "_num_timesteps", None)
@@ -157,16 +159,19 @@ def _run_span(call, timestep):
         total = scheduler.config.num_train_timesteps
         end = int((timesteps >= int(round(total - denoising_end * total))).sum())
     begin = getattr(scheduler, "begin_index", None)
-    if n is None:
-        if begin is None:
-            if not call.found_start:
-                call.found_start.append(_timestep_position(timesteps, 0, end, timestep, first=True))
-            begin = call.found_start[0]
-        return begin, end - begin
     if begin is not None:
-        return begin, n
-    # img2img strength truncation or denoising_start (pipelines that set no begin_index): the run ends at `end`
-    return end - n, n
+        return begin, end - begin if n is None else min(n, end - begin)
+    if n is not None and end == len(timesteps):
+        # img2img strength truncation or denoising_start (pipelines that set no begin_index): the run ends at `end`
+        return end - n, n
+    if not call.found_start:
+        t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
+        # n counted up to the cut, or past it: the start whose timestep is the first call's
+        starts = [s for s in ((end - n, len(timesteps) - n) if n is not None else ()) if 0 <= s < end]
+        known = [s for s in starts if timesteps[s] == t]
+        call.found_start.append(known[0] if known else _timestep_position(timesteps, 0, end, timestep, first=True))
+    start = call.found_start[0]
+    return start, end - start
 
 
 def _timestep_position(timesteps, start, n, timestep, first=False):

@@ -15,6 +15,7 @@ import diffusers
 import pytest
 import torch
 
+import hidiff_models.adapter as adapter
 import hidiff_models.controlnet as cn
 import tiny_sdxl_controlnet as tiny  # beside this file (pytest puts the test directory on sys.path)
 import hidiff_models.raunet as raunet
@@ -221,6 +222,23 @@ def test_direct_call_inside_denoising_step(small_base, return_dict):
         outside = pipe.controlnet(**inputs, return_dict=False)
         plain = type(pipe.controlnet).forward(pipe.controlnet, **inputs, return_dict=False)
     assert all(torch.equal(a, b) for a, b in zip((*outside[0], outside[1]), (*plain[0], plain[1])))
+
+
+@pytest.mark.parametrize("case, scheduler", [("text2img", "DDIMScheduler"), ("text2img", "EulerDiscreteScheduler"),
+                                             ("inpaint", "DDIMScheduler")])
+def test_denoising_end_cuts_the_run(small_base, monkeypatch, case, scheduler):
+    # These pipelines publish _num_timesteps before their denoising_end cut: the run is still steps 0..n-1 of the
+    # n it runs, for the ControlNet and the UNet.
+    log = []
+    real_runs, real_ops = cn.controlnet_runs, adapter.active_ops
+    monkeypatch.setattr(cn, "controlnet_runs", lambda step, n: log.append(("controlnet", step, n)) or real_runs(step, n))
+    monkeypatch.setattr(adapter, "active_ops", lambda model_type, h, w, step, n, **flags: log.append(
+        ("unet", step, n)) or real_ops(model_type, h, w, step, n, **flags))
+    pipe = tiny.build_pipeline(tiny.CASES[case][0])
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    tiny.generate(apply(pipe), case, num_inference_steps=5, denoising_end=0.6)
+    n = len(log) // 2
+    assert n < 5 and log == [(part, step, n) for step in range(n) for part in ("controlnet", "unet")]
 
 
 def test_union_controlnet(small_base):
