@@ -45,7 +45,8 @@ TABLE = [
     ("sdxl", (128, 128), {"inpainting": True}, 50, NONE, steps(0, 20)),
     ("sdxl", (128, 128), {"playground": True}, 20, NONE, steps(0, 8)),
     ("sdxl", (128, 128), {"inpainting": True, "controlnet": True}, 20, NONE, steps(0, 10)),
-    # sdxl_4096: RAD-conv T2 = 0.3 n, RAD-pool T1 = 0.7 n, never aggressive; ControlNet ratio is 2048-only
+    # sdxl_4096: RAD-conv T2 = 0.3 n, RAD-pool T1 = 0.7 n, never aggressive (as a freshly loaded original:
+    # its aggressive mode, once set below 4096 px, sticks; README); ControlNet ratio is 2048-only
     ("sdxl", (512, 512), {}, 10, steps(0, 3), steps(0, 7)),
     ("sdxl", (512, 640), {"controlnet": True}, 20, steps(0, 6), steps(0, 14)),
     ("sdxl", (640, 512), {"inpainting": True}, 50, steps(0, 15), steps(0, 35)),
