@@ -149,8 +149,8 @@ class HiDiffusionState:
         if (net_ran and net is not None and self.model_type in controlnet.SDXL_MODEL_TYPES
                 and not controlnet.runs_schedule(net)):
             raise ValueError("HiDiffusion: this pipeline's ControlNet ran without the SDXL ControlNet schedule "
-                             "(it was set after apply_hidiffusion, or another UNet's HiDiffusion scheduled it and was "
-                             "removed since): call apply_hidiffusion(pipe) again")
+                             "(it was set after apply_hidiffusion, or HiDiffusion was removed since from another "
+                             "pipeline sharing it): call apply_hidiffusion(pipe) again")
         sample = args[0] if args else kwargs["sample"]
         for attn, processor in self.window_sites:
             if _is_unbound_window_processor(attn.processor):
@@ -318,6 +318,8 @@ def remove_hidiffusion(pipe_or_unet):
                 delattr(unet, STATE_ATTR)
         if pipe is not None:
             pipe.__class__ = steps.untracked_class(type(pipe))
+            if getattr(pipe, "controlnet", None) is not None:  # also when the pipeline shares it with another UNet's
+                controlnet.unschedule(pipe.controlnet)
     return pipe_or_unet
 
 

@@ -145,11 +145,12 @@ def install_sdxl_controlnet(pipe, state):
     """The original's SDXL ControlNet schedule on ``pipe.controlnet``; returns the undo.
 
     A no-op (returning a no-op undo) unless ``state.model_type`` is an SDXL type and the pipeline has a
-    ControlNet. During a call of a pipeline whose UNet is patched (or inside a ``denoising_step`` block), the
-    ControlNet runs on resized inputs for ``step < 0.6 n`` and otherwise returns NO_RESIDUAL markers without
-    running; the UNet's pre-call step must apply ``unet_controlnet_kwargs``. Elsewhere it runs as it would
-    without HiDiffusion. The override holds no UNet: pipelines of several patched UNets may share the ControlNet.
-    apply_hidiffusion has checked the ControlNet's class (check_sdxl_controlnet) before any change.
+    ControlNet. During a call of a pipeline whose UNet is patched (or inside a ``denoising_step`` block of a
+    patched UNet), the ControlNet runs on resized inputs for ``step < 0.6 n`` and otherwise returns NO_RESIDUAL
+    markers without running; the UNet's pre-call step must apply ``unet_controlnet_kwargs``. For an unpatched
+    UNet it runs as without HiDiffusion (steps.controlnet_step). The override holds no UNet: pipelines of several
+    patched UNets may share the ControlNet. apply_hidiffusion has checked the ControlNet's class
+    (check_sdxl_controlnet) before any change.
     """
     controlnet = getattr(pipe, "controlnet", None)
     if state.model_type not in SDXL_MODEL_TYPES or controlnet is None:
@@ -159,7 +160,20 @@ def install_sdxl_controlnet(pipe, state):
     # The signature of the ControlNet's own forward, read before the override takes the place of it.
     undo = override_method(controlnet, "forward", _scheduled_controlnet_forward, model, multi,
                            inspect.signature(model.forward))
-    return _PipelineUndo(pipe, controlnet, undo)
+    return _PipelineUndo(pipe, controlnet, undo, controlnet.__dict__["forward"])
+
+
+def unschedule(net):
+    """Take the SDXL ControlNet schedule off ControlNet ``net`` (compiled or not), whichever apply set it (the
+    undo that apply kept then does nothing): remove_hidiffusion of any pipeline sharing it."""
+    for module in (net, _unwrapped(net)):
+        override = module.__dict__.get("forward")
+        if getattr(override, "func", None) is _scheduled_controlnet_forward:
+            previous = override.args[-1]
+            if getattr(previous, "__self__", None) is module and previous.__func__ is type(module).forward:
+                del module.forward  # the class's own again
+            else:
+                module.forward = previous
 
 
 def scheduled_pipelines(undo):
@@ -185,24 +199,26 @@ class _PipelineUndo:
     """The undo of a patch on a pipeline's ControlNet, kept in its UNet's state. A deepcopy of the pipeline
     copies it along; a deepcopy of the UNet alone leaves it, and the ControlNet, with the pipeline."""
 
-    def __init__(self, pipe, controlnet, undo):
+    def __init__(self, pipe, controlnet, undo, override):
         self.pipe = pipe
         self.controlnet = controlnet
         self.undo = undo
+        self.override = override
 
     def __call__(self):
-        self.undo()
+        if self.controlnet.__dict__.get("forward") is self.override:  # else unschedule took it off already
+            self.undo()
 
     def __deepcopy__(self, memo):
         if id(self.pipe) not in memo:  # copy.deepcopy registers an object in memo before copying its contents
             return _nothing_to_undo
-        return _PipelineUndo(*copy.deepcopy((self.pipe, self.controlnet, self.undo), memo))
+        return _PipelineUndo(*copy.deepcopy((self.pipe, self.controlnet, self.undo, self.override), memo))
 
 
 def _scheduled_controlnet_forward(model, multi, signature, previous, *args, **kwargs):
     arguments = signature.bind(*args, **kwargs).arguments
-    step = steps.generation_step(arguments["timestep"])
-    if step is None:  # not for a patched UNet (one set after apply, or HiDiffusion removed): as without HiDiffusion
+    step = steps.controlnet_step(arguments["timestep"])
+    if step is None:  # it feeds an unpatched UNet (set after apply, or HiDiffusion removed): as without HiDiffusion
         return previous(*args, **kwargs)
     if not controlnet_runs(*step):
         return _no_residuals(model, multi, arguments.get("return_dict", signature.parameters["return_dict"].default))

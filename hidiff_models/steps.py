@@ -28,8 +28,9 @@ class PipelineCall:
     pipeline: object
     flags: dict = field(default_factory=dict)
     denoising_end: object = None  # the call's argument (SDXL pipelines): where the run stops
-    # Where the run starts in the scheduler's timesteps, for pipelines that tell neither by _num_timesteps nor by
-    # begin_index: found once, at the call's first UNet call
+    blocks_before: int = 0  # denoising_step blocks open when the call began: not the call's
+    # Where the run starts in the scheduler's timesteps, where neither _num_timesteps nor begin_index tells (no n
+    # published, or a denoising_end cut): found once, at the call's first UNet (or ControlNet) call
     found_start: list = field(default_factory=list)
 
 
@@ -71,17 +72,24 @@ def is_patched(unet):
     return STATE_ATTR in getattr(getattr(unet, "_orig_mod", unet), "__dict__", ())
 
 
-def generation_step(timestep):
-    """(step, n) of a call made for a denoising step of a patched UNet (a ControlNet's, before the UNet's): of the
-    innermost denoising_step block, or of the pipeline call in progress when its pipeline's UNet is patched; None
-    when no generation with HiDiffusion is running."""
-    if _explicit_steps.get():
-        _, step, n = _explicit_steps.get()[-1]
-        return step, n
+def controlnet_step(timestep):
+    """(step, n) of a ControlNet call feeding a patched UNet: of the innermost denoising_step block opened since the
+    pipeline call in progress began (or with none), or of that pipeline call; None where the UNet it feeds is not
+    patched (that block's, or that pipeline's: set after apply, or HiDiffusion removed), so the ControlNet runs as
+    without HiDiffusion. RuntimeError where neither tells."""
     call = _pipeline_call.get()
-    if call is None or not is_patched(getattr(call.pipeline, "unet", None)):
-        return None
-    return _pipeline_step(call, timestep)
+    blocks = _explicit_steps.get()
+    if len(blocks) > (call.blocks_before if call else 0):
+        owner, step, n = blocks[-1]
+        return (step, n) if is_patched(owner) else None
+    if call is None:
+        raise RuntimeError(
+            "HiDiffusion's SDXL ControlNet schedule needs the denoising step of each ControlNet call: call it through "
+            "a pipeline passed to apply_hidiffusion (a pipeline made since with from_pipe needs its own "
+            "apply_hidiffusion), or inside the `with hidiff_models.denoising_step(unet, step, n):` block of the UNet "
+            "call it feeds. A pipeline sharing this ControlNet with an applied one needs its own apply_hidiffusion, "
+            "or a ControlNet of its own.")
+    return _pipeline_step(call, timestep) if is_patched(getattr(call.pipeline, "unet", None)) else None
 
 
 def current_step(unet, timestep):
@@ -145,10 +153,10 @@ def _is_pndm(scheduler):
 def _run_span(call, timestep):
     """(start, n): where the pipeline's run starts in its scheduler's timesteps and how many steps it runs.
 
-    n is the pipeline's ``_num_timesteps``, counted up to the end of the timesteps or to a ``denoising_end`` cut.
-    Where neither n nor begin_index tells the start (pipelines that publish no n: SDXL InstructPix2Pix, unCLIP,
-    DiffEdit, LEdits++; a denoising_end cut, which SDXL pipelines publish n after and SDXL ControlNet ones before),
-    the timestep of the run's first UNet call does.
+    n is the pipeline's ``_num_timesteps``, which counts the steps to a ``denoising_end`` cut in SDXL pipelines but
+    past it in SDXL ControlNet ones. Where neither n nor begin_index tells the start (pipelines that publish no n:
+    SDXL InstructPix2Pix, unCLIP, DiffEdit, LEdits++; a denoising_end cut), the timestep of the run's first UNet
+    (or ControlNet) call does.
     """
     scheduler, denoising_end = call.pipeline.scheduler, call.denoising_end
     n = getattr(call.pipeline, "_num_timesteps", None)
@@ -221,7 +229,8 @@ def tracking_class(cls):
                               "HiDiffusion removed since, through the UNet or another pipeline sharing it): this call "
                               "runs without HiDiffusion. Call apply_hidiffusion(pipe) again, or "
                               "remove_hidiffusion(pipe) to run without it.", UserWarning, stacklevel=2)
-            call = PipelineCall(self, pipeline_flags(self, arguments), arguments.get("denoising_end"))
+            call = PipelineCall(self, pipeline_flags(self, arguments), arguments.get("denoising_end"),
+                                len(_explicit_steps.get()))
             token = _pipeline_call.set(call)
             try:
                 return cls.__call__(self, *args, **kwargs)

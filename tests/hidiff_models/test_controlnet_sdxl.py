@@ -217,11 +217,9 @@ def test_direct_call_inside_denoising_step(small_base, return_dict):
             skipped.down_block_res_samples, skipped.mid_block_res_sample)
     assert all(torch.equal(a, b) for a, b in zip((*ran[0], ran[1]), (*expected[0], expected[1])))
     assert skipped == ((cn.NO_RESIDUAL,) * len(expected[0]), cn.NO_RESIDUAL)
-    # outside a generation with HiDiffusion (no pipeline call, no denoising_step) it runs as without HiDiffusion
-    with torch.no_grad():
-        outside = pipe.controlnet(**inputs, return_dict=False)
-        plain = type(pipe.controlnet).forward(pipe.controlnet, **inputs, return_dict=False)
-    assert all(torch.equal(a, b) for a, b in zip((*outside[0], outside[1]), (*plain[0], plain[1])))
+    # outside a pipeline call and without denoising_step there is no step to decide with
+    with pytest.raises(RuntimeError, match="denoising step"):
+        pipe.controlnet(**inputs)
 
 
 @pytest.mark.parametrize("case, scheduler", [("text2img", "DDIMScheduler"), ("text2img", "EulerDiscreteScheduler"),
@@ -363,17 +361,28 @@ def test_one_controlnet_shared_by_pipelines_of_two_unets(small_base):
         assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), expected)
     with torch.no_grad(), denoising_step(second, step=2, num_steps=3):  # driven by hand through the other UNet
         assert second.controlnet(**direct_inputs(second), return_dict=False)[1] is cn.NO_RESIDUAL
-    remove_hidiffusion(second)  # the schedule stays with the first; the second runs as without HiDiffusion
-    assert torch.equal(tiny.generate(second, "text2img", num_inference_steps=3), vanilla)
-    assert torch.equal(tiny.generate(first, "text2img", num_inference_steps=3), expected)
-    apply(second)
-    remove_hidiffusion(first)  # takes the schedule along: the other pipeline refuses until applied again
-    with pytest.raises(ValueError, match="another UNet's HiDiffusion scheduled it"):
-        tiny.generate(second, "text2img", num_inference_steps=3)
-    apply(second)
-    assert torch.equal(tiny.generate(second, "text2img", num_inference_steps=3), expected)
-    remove_hidiffusion(second)
-    assert "forward" not in second.controlnet.__dict__
+    # Removing HiDiffusion from either takes the schedule off the ControlNet: that one runs as without it, the
+    # other refuses until applied again.
+    for removed, other in ((second, first), (first, second)):
+        remove_hidiffusion(removed)
+        assert "forward" not in removed.controlnet.__dict__
+        assert torch.equal(tiny.generate(removed, "text2img", num_inference_steps=3), vanilla)
+        with pytest.raises(ValueError, match="removed since from another pipeline sharing it"):
+            tiny.generate(other, "text2img", num_inference_steps=3)
+        apply(other)
+        assert torch.equal(tiny.generate(other, "text2img", num_inference_steps=3), expected)
+        apply(removed)
+    remove_hidiffusion(first)
+    with torch.no_grad(), denoising_step(first, step=2, num_steps=3):  # a block of an unpatched UNet: plain
+        assert second.controlnet(**direct_inputs(second), return_dict=False)[1].shape[-2:] == (8, 6)
+
+
+def test_pipeline_called_inside_a_block_of_another_unet_keeps_its_steps(small_base):
+    pipe = apply(tiny.build_pipeline())
+    expected = tiny.generate(pipe, "text2img", num_inference_steps=3)
+    other = apply(tiny.build_pipeline()).unet
+    with denoising_step(other, step=2, num_steps=3):  # the other UNet's block, not this pipeline's
+        assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), expected)
 
 
 def test_a_shared_controlnet_keeps_no_unet_alive(small_base):
