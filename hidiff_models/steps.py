@@ -32,6 +32,7 @@ class PipelineCall:
     # Where the run starts in the scheduler's timesteps, where neither _num_timesteps nor begin_index tells (no n
     # published, or a denoising_end cut): found once, at the call's first UNet (or ControlNet) call
     found_start: list = field(default_factory=list)
+    found_end: list = field(default_factory=list)  # where a denoising_end cut ends it: found once (a device sync)
 
 
 @contextlib.contextmanager
@@ -164,8 +165,10 @@ def _run_span(call, timestep):
     end = len(timesteps)
     if isinstance(denoising_end, float) and 0 < denoising_end < 1:  # what the SDXL pipelines take as valid
         # The run ends at the last timestep >= their cutoff, whatever strength or denoising_start cut from its head.
-        total = scheduler.config.num_train_timesteps
-        end = int((timesteps >= int(round(total - denoising_end * total))).sum())
+        if not call.found_end:
+            total = scheduler.config.num_train_timesteps
+            call.found_end.append(int((timesteps >= int(round(total - denoising_end * total))).sum()))
+        end = call.found_end[0]
     begin = getattr(scheduler, "begin_index", None)
     if begin is not None:
         return begin, end - begin if n is None else min(n, end - begin)
