@@ -12,14 +12,13 @@ residuals), with the window shift k pinned, into tests/hidiff_models/fixtures/or
 import pathlib
 import sys
 import warnings
-from importlib.metadata import version
 
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import tiny_sdxl_controlnet as tiny  # noqa: E402
-from make_original_fixtures import RAND_FOR_SHIFT, assert_counters_wrapped, pinned_shift, save_fixture  # noqa: E402
+from make_original_fixtures import assert_counters_wrapped, pinned_shift, recorded_with, save_fixture  # noqa: E402
 
 import diffusers  # noqa: E402
 import hidiffusion.hidiffusion as original  # noqa: E402
@@ -64,20 +63,8 @@ def main():
         print(f"{case} k={k}: |orig - vanilla| / |vanilla| = {diff:.3f}", flush=True)
         assert diff > 1e-2, "HiDiffusion had no visible effect: the test could not fail"
         out["original"][f"{case}_k{k}"] = latents
-    out["meta"] = dict(
-        diffusers=diffusers.__version__,
-        hidiffusion=version("hidiffusion"),
-        transformers=version("transformers"),
-        torch=str(torch.__version__),
-        cases=CASES,
-        call_cases={case: tiny.CASES[case] for case in tiny.RECORDED},
-        num_steps=tiny.NUM_STEPS,
-        guidance=tiny.GUIDANCE,
-        ddim=tiny.DDIM_CONFIG,
-        size=(tiny.HEIGHT, tiny.WIDTH),
-        seeds=tiny.SEEDS,
-        rand_for_shift=RAND_FOR_SHIFT,
-    )
+    out["meta"] = dict(recorded_with(), **tiny.recorded_settings(), cases=CASES,
+                       call_cases={case: tiny.CASES[case] for case in tiny.RECORDED})
     save_fixture(out, "original_sdxl_controlnet.pt")
 
 

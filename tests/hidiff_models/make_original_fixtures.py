@@ -90,6 +90,12 @@ def run_original_with_large_profile(model, inputs, k):
         ratios[small], original.is_aggressive_raunet = saved
 
 
+def recorded_with():
+    """The versions a pipeline fixture is recorded with, and how the original's shift draws were pinned."""
+    return dict(diffusers=diffusers.__version__, hidiffusion=version("hidiffusion"), transformers=version("transformers"),
+                torch=str(torch.__version__), rand_for_shift=RAND_FOR_SHIFT)
+
+
 def save_fixture(out, name):
     path = HERE / "fixtures" / name
     path.parent.mkdir(exist_ok=True)

@@ -14,14 +14,13 @@ tests/hidiff_models/fixtures/original_sdxl_inpaint.pt.
 import pathlib
 import sys
 import warnings
-from importlib.metadata import version
 
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import tiny_sdxl_controlnet as tiny  # noqa: E402
-from make_original_fixtures import RAND_FOR_SHIFT, assert_counters_wrapped, pinned_shift, save_fixture  # noqa: E402
+from make_original_fixtures import assert_counters_wrapped, pinned_shift, recorded_with, save_fixture  # noqa: E402
 
 import diffusers  # noqa: E402
 import hidiffusion.hidiffusion as original  # noqa: E402
@@ -64,21 +63,7 @@ def main():
     diff = tiny.rel_err(out["original"]["base"], out["original"]["inpainting"])
     print(f"|base - inpainting| / |inpainting| = {diff:.3f}", flush=True)
     assert diff > 1e-2, "the aggressive mode had no visible effect: the test could not fail"
-    out["meta"] = dict(
-        diffusers=diffusers.__version__,
-        hidiffusion=version("hidiffusion"),
-        transformers=version("transformers"),
-        torch=str(torch.__version__),
-        pipeline=PIPELINE,
-        names=NAMES,
-        window_shift=K,
-        num_steps=tiny.NUM_STEPS,
-        guidance=tiny.GUIDANCE,
-        ddim=tiny.DDIM_CONFIG,
-        size=(tiny.HEIGHT, tiny.WIDTH),
-        seeds=tiny.SEEDS,
-        rand_for_shift=RAND_FOR_SHIFT,
-    )
+    out["meta"] = dict(recorded_with(), **tiny.recorded_settings(), pipeline=PIPELINE, names=NAMES, window_shift=K)
     save_fixture(out, "original_sdxl_inpaint.pt")
 
 

@@ -153,6 +153,11 @@ def generate(pipe, case, **overrides):
         return pipe(**kwargs).images
 
 
+def recorded_settings():
+    """The fixed settings a fixture of these pipelines is recorded with (its test checks them)."""
+    return dict(num_steps=NUM_STEPS, guidance=GUIDANCE, ddim=DDIM_CONFIG, size=(HEIGHT, WIDTH), seeds=SEEDS)
+
+
 def rel_err(a, b):
     """Relative error in float64: |a - b| / |b|."""
     a, b = a.double(), b.double()
