@@ -297,7 +297,7 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
                 _install(unet, layout, state)
             _schedule_controlnets(state, pipes)
         except BaseException:
-            remove_hidiffusion(pipe_or_unet)
+            _remove(pipe_or_unet, unschedule_shared=False)  # what this apply changed: not a ControlNet scheduled before
             raise
     if pipe is not None:
         # Tracking is per pipeline, not part of the UNet's state: pipelines sharing the UNet stay tracked
@@ -307,7 +307,14 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
 
 
 def remove_hidiffusion(pipe_or_unet):
-    """Undo apply_hidiffusion on a pipeline or UNet (no-op when not patched), compiled since or not; returns it."""
+    """Undo apply_hidiffusion on a pipeline or UNet (no-op when not patched), compiled since or not; returns it.
+
+    A pipeline's ControlNet loses its SDXL ControlNet schedule even where it shares it with pipelines of other
+    patched UNets (they then ask to be applied again)."""
+    return _remove(pipe_or_unet, unschedule_shared=True)
+
+
+def _remove(pipe_or_unet, unschedule_shared):
     pipe, unet = _split(pipe_or_unet, compiled_ok=True)
     with _PATCHING:
         state = unet.__dict__.get(STATE_ATTR)
@@ -318,7 +325,7 @@ def remove_hidiffusion(pipe_or_unet):
                 delattr(unet, STATE_ATTR)
         if pipe is not None:
             pipe.__class__ = steps.untracked_class(type(pipe))
-            if getattr(pipe, "controlnet", None) is not None:  # also when the pipeline shares it with another UNet's
+            if unschedule_shared and getattr(pipe, "controlnet", None) is not None:
                 controlnet.unschedule(pipe.controlnet)
     return pipe_or_unet
 

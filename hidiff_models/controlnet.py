@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from . import raunet, steps
-from .raunet import override_method
 
 SDXL_MODEL_TYPES = ("sdxl", "sdxl_turbo")
 # The ControlNet runs for the steps i < CONTROLNET_STEPS_RATIO * n (float product, as the original's).
@@ -158,22 +157,36 @@ def install_sdxl_controlnet(pipe, state):
     model = _unwrapped(controlnet)
     multi = bool(_class_names(model) & set(_MULTI))
     # The signature of the ControlNet's own forward, read before the override takes the place of it.
-    undo = override_method(controlnet, "forward", _scheduled_controlnet_forward, model, multi,
-                           inspect.signature(model.forward))
-    return _PipelineUndo(pipe, controlnet, undo, controlnet.__dict__["forward"])
+    override = raunet.patch(_scheduled_controlnet_forward, model, multi, inspect.signature(model.forward),
+                            controlnet.forward)
+    controlnet.forward = override
+    return _PipelineUndo(pipe, controlnet, override)
 
 
-def unschedule(net):
-    """Take the SDXL ControlNet schedule off ControlNet ``net`` (compiled or not), whichever apply set it (the
-    undo that apply kept then does nothing): remove_hidiffusion of any pipeline sharing it."""
-    for module in (net, _unwrapped(net)):
-        override = module.__dict__.get("forward")
+def _schedule_site(module):
+    """(attribute, override) where ``module`` holds a schedule override: its own forward, or the forward that an
+    accelerate hook set since wraps (its _old_forward, as offload hooks set after apply keep it); or None."""
+    for name in ("forward", "_old_forward"):
+        override = module.__dict__.get(name)
         if getattr(override, "func", None) is _scheduled_controlnet_forward:
-            previous = override.args[-1]
-            if getattr(previous, "__self__", None) is module and previous.__func__ is type(module).forward:
-                del module.forward  # the class's own again
-            else:
-                module.forward = previous
+            return name, override
+    return None
+
+
+def unschedule(net, override=None):
+    """Take the SDXL ControlNet schedule off ControlNet ``net`` (compiled or not, hooked or not): ``override``, or
+    whichever apply set it (remove_hidiffusion of any pipeline sharing the ControlNet)."""
+    for module in (net, _unwrapped(net)):
+        site = _schedule_site(module)
+        if site is None or override not in (None, site[1]):
+            continue
+        name, found = site
+        previous = found.args[-1]
+        class_forward = getattr(previous, "__self__", None) is module and previous.__func__ is type(module).forward
+        if name == "forward" and class_forward:
+            del module.forward  # the class's own again
+        else:
+            setattr(module, name, previous)
 
 
 def scheduled_pipelines(undo):
@@ -182,9 +195,9 @@ def scheduled_pipelines(undo):
 
 
 def runs_schedule(net):
-    """Whether ControlNet ``net`` (compiled before or after the patch, or not) runs the SDXL ControlNet schedule."""
-    return any(getattr(m.__dict__.get("forward"), "func", None) is _scheduled_controlnet_forward
-               for m in (net, _unwrapped(net)))
+    """Whether ControlNet ``net`` (compiled before or after the patch, hooked or not) runs the SDXL ControlNet
+    schedule."""
+    return any(_schedule_site(m) for m in (net, _unwrapped(net)))
 
 
 def _unwrapped(net):
@@ -199,20 +212,18 @@ class _PipelineUndo:
     """The undo of a patch on a pipeline's ControlNet, kept in its UNet's state. A deepcopy of the pipeline
     copies it along; a deepcopy of the UNet alone leaves it, and the ControlNet, with the pipeline."""
 
-    def __init__(self, pipe, controlnet, undo, override):
+    def __init__(self, pipe, controlnet, override):
         self.pipe = pipe
         self.controlnet = controlnet
-        self.undo = undo
         self.override = override
 
     def __call__(self):
-        if self.controlnet.__dict__.get("forward") is self.override:  # else unschedule took it off already
-            self.undo()
+        unschedule(self.controlnet, self.override)  # a no-op where remove_hidiffusion took it off already
 
     def __deepcopy__(self, memo):
         if id(self.pipe) not in memo:  # copy.deepcopy registers an object in memo before copying its contents
             return _nothing_to_undo
-        return _PipelineUndo(*copy.deepcopy((self.pipe, self.controlnet, self.undo, self.override), memo))
+        return _PipelineUndo(*copy.deepcopy((self.pipe, self.controlnet, self.override), memo))
 
 
 def _scheduled_controlnet_forward(model, multi, signature, previous, *args, **kwargs):

@@ -407,6 +407,38 @@ def test_unet_set_after_apply_runs_the_controlnet_pipeline_without_hidiffusion(s
     assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), vanilla)
 
 
+@pytest.mark.parametrize("apply_first", [True, False], ids=["apply-then-offload", "offload-then-apply"])
+def test_model_cpu_offload_keeps_the_schedule_and_remove_restores(small_base, apply_first):
+    # Offload hooks set after apply wrap the schedule's override (accelerate keeps it as _old_forward).
+    expected = tiny.generate(apply(tiny.build_pipeline()), "text2img", num_inference_steps=3)
+    vanilla = tiny.generate(tiny.build_pipeline(), "text2img", num_inference_steps=3)
+    pipe = tiny.build_pipeline()
+    if apply_first:
+        apply(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    if not apply_first:
+        apply(pipe)
+    assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), expected)
+    remove_hidiffusion(pipe)
+    assert not cn.runs_schedule(pipe.controlnet) and hasattr(pipe.controlnet, "_hf_hook")  # the hook stays
+    assert torch.equal(tiny.generate(pipe, "text2img", num_inference_steps=3), vanilla)
+
+
+def test_a_failed_apply_leaves_a_shared_controlnet_scheduled(small_base, monkeypatch):
+    first, second = tiny.build_pipeline(), tiny.build_pipeline()
+    second.controlnet = first.controlnet
+    apply(first)
+    expected = tiny.generate(first, "text2img", num_inference_steps=3)
+
+    def failing_install(*args):
+        raise RuntimeError("install failed")
+
+    monkeypatch.setattr(adapter, "_install", failing_install)
+    with pytest.raises(RuntimeError, match="install failed"):
+        apply(second)
+    assert torch.equal(tiny.generate(first, "text2img", num_inference_steps=3), expected)
+
+
 def test_sd15_type_and_no_controlnet_are_untouched():
     controlnet = torch.nn.Linear(1, 1)
     for model_type, pipe in (("sd15", types.SimpleNamespace(controlnet=controlnet, unet=None)),
