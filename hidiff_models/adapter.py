@@ -297,7 +297,8 @@ def apply_hidiffusion(pipe_or_unet, *, backend="auto", apply_raunet=True, apply_
                 _install(unet, layout, state)
             _schedule_controlnets(state, pipes)
         except BaseException:
-            _remove(pipe_or_unet, unschedule_shared=False)  # what this apply changed: not a ControlNet scheduled before
+            # HiDiffusion off this UNet and pipeline, not the schedule another UNet's apply set on a shared ControlNet
+            _remove(pipe_or_unet, unschedule_shared=False)
             raise
     if pipe is not None:
         # Tracking is per pipeline, not part of the UNet's state: pipelines sharing the UNet stay tracked

@@ -75,9 +75,9 @@ def is_patched(unet):
 
 def controlnet_step(timestep):
     """(step, n) of a ControlNet call feeding a patched UNet: of the innermost denoising_step block opened since the
-    pipeline call in progress began (or with none), or of that pipeline call; None where the UNet it feeds is not
-    patched (that block's, or that pipeline's: set after apply, or HiDiffusion removed), so the ControlNet runs as
-    without HiDiffusion. RuntimeError where neither tells."""
+    pipeline call in progress began (any open block when no pipeline call is in progress), or of that pipeline
+    call; None where the UNet it feeds is not patched (that block's, or that pipeline's: set after apply, or
+    HiDiffusion removed), so the ControlNet runs as without HiDiffusion. RuntimeError where neither tells."""
     call = _pipeline_call.get()
     blocks = _explicit_steps.get()
     if len(blocks) > (call.blocks_before if call else 0):
@@ -154,10 +154,10 @@ def _is_pndm(scheduler):
 def _run_span(call, timestep):
     """(start, n): where the pipeline's run starts in its scheduler's timesteps and how many steps it runs.
 
-    n is the pipeline's ``_num_timesteps``, which counts the steps to a ``denoising_end`` cut in SDXL pipelines but
-    past it in SDXL ControlNet ones. Where neither n nor begin_index tells the start (pipelines that publish no n:
-    SDXL InstructPix2Pix, unCLIP, DiffEdit, LEdits++; a denoising_end cut), the timestep of the run's first UNet
-    (or ControlNet) call does.
+    n comes from the pipeline's ``_num_timesteps``, which counts the steps to a ``denoising_end`` cut in SDXL
+    pipelines but past it in SDXL ControlNet ones. Where neither it nor begin_index tells the start (pipelines that
+    publish no n: SDXL InstructPix2Pix, unCLIP, DiffEdit, LEdits++; a denoising_end cut), the timestep of the run's
+    first UNet (or ControlNet) call does, and n is the steps from there to the end (or the cut).
     """
     scheduler, denoising_end = call.pipeline.scheduler, call.denoising_end
     n = getattr(call.pipeline, "_num_timesteps", None)
@@ -263,11 +263,11 @@ def is_modular(cls):
 
 
 def pipeline_flags(pipe, arguments):
-    """The schedule variants a pipeline call selects: ControlNet text-to-image, Playground (inpainting is the
-    model's, not the call's: HiDiffusionState.inpainting).
+    """The schedule variants of a pipeline call: ControlNet text-to-image (from the call), Playground (from the
+    pipeline's name); inpainting is the model's (HiDiffusionState.inpainting).
 
     A pipeline's class tells its task, except a modular pipeline's (one class runs every task, chosen by the
-    inputs of the call, ``arguments`` by name: images, or the latents its encoder blocks make of them).
+    inputs of the call, ``arguments`` by name: images, or what its encoder blocks make of them).
     """
     cls = untracked_class(type(pipe))
     if is_modular(cls):
