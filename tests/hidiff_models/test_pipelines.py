@@ -492,6 +492,16 @@ def test_modular_pipeline_runs_the_schedule_of_the_classic_pipeline_for_the_same
         assert schedule_log[::2] == schedule_log[1::2] == expected, task
 
 
+def test_modular_pipeline_given_a_unet_after_apply_warns(parts):
+    modular_pipelines = pytest.importorskip("diffusers.modular_pipelines")
+    modular = modular_pipelines.StableDiffusionXLAutoBlocks().init_pipeline()
+    modular.update_components(**{k: v for k, v in sdxl_pipe(parts).components.items() if v is not None})
+    apply_hidiffusion(modular, backend="torch")
+    modular.update_components(unet=copy.deepcopy(parts["sdxl_unet"]))
+    with pytest.warns(UserWarning, match="UNet is not patched"):
+        modular(prompt=PROMPT, height=64, width=64, num_inference_steps=1, output="latents")
+
+
 def test_keywords_a_classic_pipeline_ignores_change_nothing(parts):
     # Its **kwargs takes (and ignores) any keyword: a denoising_end or state there is no input of its call.
     pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch")
