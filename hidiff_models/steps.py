@@ -177,8 +177,12 @@ def _run_span(call, timestep):
         return end - n, n
     if not call.found_start:
         t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
-        # n counted up to the cut, or past it: the start whose timestep is the first call's
-        starts = [s for s in ((end - n, len(timesteps) - n) if n is not None else ()) if 0 <= s < end]
+        # n counted up to the cut, or past it (SDXL ControlNet pipelines): the start whose timestep is the first
+        # call's; where both starts have it (a timestep PNDM repeats), the one the pipeline's own count gives
+        starts = [] if n is None else [end - n, len(timesteps) - n]
+        if "ControlNet" in untracked_class(type(call.pipeline)).__name__:
+            starts.reverse()
+        starts = [s for s in starts if 0 <= s < end]
         known = [s for s in starts if timesteps[s] == t]
         call.found_start.append(known[0] if known else _timestep_position(timesteps, 0, end, timestep, first=True))
     start = call.found_start[0]

@@ -222,9 +222,13 @@ def test_direct_call_inside_denoising_step(small_base, return_dict):
         pipe.controlnet(**inputs)
 
 
-@pytest.mark.parametrize("case, scheduler", [("text2img", "DDIMScheduler"), ("text2img", "EulerDiscreteScheduler"),
-                                             ("inpaint", "DDIMScheduler")])
-def test_denoising_end_cuts_the_run(small_base, monkeypatch, case, scheduler):
+@pytest.mark.parametrize("case, scheduler, cut", [
+    ("text2img", "DDIMScheduler", dict(denoising_end=0.6)), ("text2img", "EulerDiscreteScheduler", dict(denoising_end=0.6)),
+    ("inpaint", "DDIMScheduler", dict(denoising_end=0.6)),
+    # PNDM's timesteps 800 600 600 400 200 0: strength 0.6 starts the run on the second 600, 0.9 cuts the 0: the
+    # first call's timestep is at both candidate starts, and this pipeline's n counts past the cut
+    ("inpaint", "PNDMScheduler", dict(strength=0.6, denoising_end=0.9))])
+def test_denoising_end_cuts_the_run(small_base, monkeypatch, case, scheduler, cut):
     # These pipelines publish _num_timesteps before their denoising_end cut: the run is still steps 0..n-1 of the
     # n it runs, for the ControlNet and the UNet.
     log = []
@@ -233,8 +237,8 @@ def test_denoising_end_cuts_the_run(small_base, monkeypatch, case, scheduler):
     monkeypatch.setattr(adapter, "active_ops", lambda model_type, h, w, step, n, **flags: log.append(
         ("unet", step, n)) or real_ops(model_type, h, w, step, n, **flags))
     pipe = tiny.build_pipeline(tiny.CASES[case][0])
-    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    tiny.generate(apply(pipe), case, num_inference_steps=5, denoising_end=0.6)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, skip_prk_steps=True)  # PNDM as SD sets it
+    tiny.generate(apply(pipe), case, num_inference_steps=5, **cut)
     n = len(log) // 2
     assert n < 5 and log == [(part, step, n) for step in range(n) for part in ("controlnet", "unet")]
 

@@ -536,6 +536,17 @@ def test_img2img_cut_at_both_ends(parts, schedule_log, scheduler, kwargs, n):
     assert [(s, m) for s, m, _ in schedule_log] == [(s, n) for s in range(n)]
 
 
+def test_img2img_cut_from_a_repeated_timestep(parts, schedule_log):
+    # PNDM's timesteps 901 801 801 701 ... 1: strength 0.9 starts the run on the first 801, denoising_end 0.95 cuts
+    # the 1. Both starts the run can have (n counted to the cut, as here, or past it) are at 801: the first is this
+    # pipeline's.
+    pipe = StableDiffusionXLImg2ImgPipeline(**sdxl_pipe(parts).components)
+    pipe.scheduler = PNDMScheduler(skip_prk_steps=True)
+    apply_hidiffusion(pipe, backend="torch")
+    generate(pipe, steps=10, image=torch.randn(1, 4, 8, 8), height=None, width=None, strength=0.9, denoising_end=0.95)
+    assert [(s, m) for s, m, _ in schedule_log] == [(s, 9) for s in range(9)]
+
+
 @pytest.mark.parametrize("cls, kwargs, calls_per_step", [
     (StableDiffusionPanoramaPipeline, dict(height=512, width=640), 3),  # three 64x64-latent views a step
     (StableDiffusionSAGPipeline, dict(sag_scale=0.75), 2),  # and a degraded pass a step
