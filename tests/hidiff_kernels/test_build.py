@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("build_check") / "builds.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))  # not the user's ~/.triton
     cmd = [sys.executable, "-m", "hidiff_kernels.build_check", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     if not out.exists():  # exit 1 with a JSON only means some configs have problems: the tests say which

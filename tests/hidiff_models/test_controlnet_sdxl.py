@@ -24,7 +24,7 @@ from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 HERE = pathlib.Path(__file__).resolve().parent
 
 FIXTURES = torch.load(HERE / "fixtures" / "original_sdxl_controlnet.pt", weights_only=True)
-TOL = 1e-5
+TOL = tiny.FIXTURE_TOL
 
 
 def apply(pipe, **kwargs):

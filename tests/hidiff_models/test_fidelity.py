@@ -16,7 +16,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 FIXTURES = torch.load(HERE / "fixtures" / "original_latents.pt", weights_only=True)
 LARGE_PROFILE_FIXTURES = torch.load(HERE / "fixtures" / "original_large_profiles.pt", weights_only=True)
-TOL = 1e-5
+TOL = fl.FIXTURE_TOL
 
 
 def model_type(model):

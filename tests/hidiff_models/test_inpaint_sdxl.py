@@ -19,7 +19,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 FIXTURES = torch.load(HERE / "fixtures" / "original_sdxl_inpaint.pt", weights_only=True)
 META = FIXTURES["meta"]
-TOL = 1e-5
+TOL = tiny.FIXTURE_TOL
 
 
 def build(name_or_path=tiny.NAME_OR_PATH):

@@ -15,6 +15,7 @@ import tempfile
 import torch
 
 import fidelity_loop as fl  # beside this file, on sys.path for pytest and for the fixture script
+from fidelity_loop import FIXTURE_TOL, rel_err  # for the SDXL tests
 
 configs, single_thread = fl.configs, fl.single_thread  # configs.py loaded by path; one-thread rounding
 
@@ -157,11 +158,6 @@ def recorded_settings():
     """The fixed settings a fixture of these pipelines is recorded with (its test checks them)."""
     return dict(num_steps=NUM_STEPS, guidance=GUIDANCE, ddim=DDIM_CONFIG, size=(HEIGHT, WIDTH), seeds=SEEDS)
 
-
-def rel_err(a, b):
-    """Relative error in float64: |a - b| / |b|."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def inpaint_mask():
