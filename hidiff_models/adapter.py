@@ -1,10 +1,10 @@
 """apply_hidiffusion / remove_hidiffusion: patch a diffusers UNet (and its pipeline) with MSW-MSA and RAU-Net.
 
-Everything is an attention processor, a hook, an instance-level method override (the UNet's call, forwards),
-``num_upsamplers`` or the pipeline's class, each recorded with its undo in the UNet's ``_hidiffusion`` state:
-remove restores the exact original objects. All checks run before the first change, so a refused apply leaves
-the model as it was. Hooks, overrides and undos are ``raunet.patch`` partials or bound methods, not closures:
-a deepcopy of the UNet (or pipeline) is patched on its own modules and state.
+Everything is an attention processor, a hook, an instance-level method override (the UNet's call, forwards) or
+``num_upsamplers``, each recorded with its undo in the UNet's ``_hidiffusion`` state, or the pipeline's class
+(swapped per pipeline): remove restores the exact original objects. All checks run before the first change, so a
+refused apply leaves the model as it was. Hooks, overrides and undos are ``raunet.patch`` partials or bound methods,
+not closures: a deepcopy of the UNet (or pipeline) is patched on its own modules and state.
 """
 import copy
 import inspect
@@ -61,7 +61,7 @@ LAYOUTS = {"sd15": _SD15, "sdxl": _SDXL, "sdxl_turbo": replace(_SDXL, rad_conv=N
 
 
 class HiDiffusionState:
-    """Per-UNet settings, the per-call schedule, the window-shift generator and the undo list."""
+    """Per-UNet settings, the per-call schedule, the window-shift generators and the undo list."""
 
     def __init__(self, model_type, backend, apply_raunet, apply_window_attn, window_shift, seed, inpainting,
                  playground):
@@ -170,15 +170,15 @@ class HiDiffusionState:
         self.in_call = True  # ops, phases and pre_pool_size are reset by after_unet, which ends every call
         kwargs = controlnet.unet_controlnet_kwargs(kwargs)
         if self.apply_raunet:  # before the window phases: a refused call draws none from its generation's generator
-            self.ops = self.raunet_ops(unet, sample, args, kwargs)
+            self.ops = self.raunet_ops(unet, sample, args[1] if len(args) > 1 else kwargs.get("timestep"), kwargs)
         if self.pinned_phase is None:
             # A call under denoising_step inside a pipeline call (from a callback) is the user's, not the generation's
             if not by_pipeline:
                 generator = self.bare_generator
-            else:
-                if call not in self.call_generators:
-                    self.call_generators[call] = torch.Generator().manual_seed(self.seed)
+            elif call in self.call_generators:
                 generator = self.call_generators[call]
+            else:
+                generator = self.call_generators[call] = torch.Generator().manual_seed(self.seed)
             phases = torch.randint(4, (len(self.window_sites),), generator=generator)
             # Pinned memory: the copy does not make the host wait for the work queued on the GPU.
             phases = (phases.pin_memory().to(sample.device, non_blocking=True) if sample.is_cuda
@@ -187,20 +187,17 @@ class HiDiffusionState:
                 processor.phase = phase
         return args, kwargs
 
-    def raunet_ops(self, unet, sample, args, kwargs):
+    def raunet_ops(self, unet, sample, timestep, kwargs):
         """What RAU-Net runs in this UNet call, from its denoising step; refuses T2I-Adapter residuals it would
         shrink, and sets the RAD-conv LoRA's geometry to match."""
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         step, n, step_call = steps.current_step(unet, timestep)  # step_call is None under denoising_step
-        flags = dict(step_call.flags) if step_call else dict(controlnet=False, playground=False)
-        flags["inpainting"] = self.inpainting
-        flags["playground"] = flags["playground"] or self.playground
-        ops = active_ops(self.model_type, sample.shape[-2], sample.shape[-1], step, n, **flags)
-        rad_conv = ops.rad_conv and self.rad_conv_site is not None  # SDXL-Turbo has no RAD-conv
-        if (rad_conv or ops.rad_pool) and _has_adapter_residuals(kwargs):
+        ops = active_ops(self.model_type, sample.shape[-2], sample.shape[-1], step, n,
+                         controlnet=step_call is not None and step_call.controlnet_text_to_image,
+                         inpainting=self.inpainting, playground=self.playground)
+        if (ops.rad_conv or ops.rad_pool) and _has_adapter_residuals(kwargs):
             raise ValueError(T2I_ADAPTER_REFUSAL)
         if self.rad_conv_site is not None:  # every call sets their geometry: a deep copy may hold them widened
-            raunet.set_lora_down_geometry(*self.rad_conv_site, rad_conv)
+            raunet.set_lora_down_geometry(*self.rad_conv_site, ops.rad_conv)
         return ops
 
     @torch.compiler.disable
@@ -378,7 +375,7 @@ def _install(unet, layout, state):
         register_for_layer_skip()
     if state.apply_raunet:
         if layout.rad_conv is not None:
-            conv = _unwrapped(modules[layout.rad_conv])
+            conv = _lora_base(modules[layout.rad_conv])
             undo.append(raunet.install_rad_conv(conv, state))
             state.rad_conv_site = (modules[layout.rad_conv.rsplit(".", 1)[0]], conv)
         undo.append(raunet.install_rad_pool(modules[layout.rad_pool], state))
@@ -405,13 +402,15 @@ def _schedule_controlnets(state, pipes):
     """The original's SDXL ControlNet schedule (with or without RAU-Net) on each pipeline's ControlNet, once per
     ControlNet: from_pipe pipelines share theirs, and so may pipelines of other patched UNets (the schedule takes
     its step from the pipeline call that runs the ControlNet)."""
+    if state.model_type not in controlnet.SDXL_MODEL_TYPES:
+        return
     for pipe in pipes:
         net = getattr(pipe, "controlnet", None)
         if net is not None and not controlnet.runs_schedule(net):
-            state.undo.append(controlnet.install_sdxl_controlnet(pipe, state))
+            state.undo.append(controlnet.install_sdxl_controlnet(pipe))
 
 
-def _unwrapped(conv):
+def _lora_base(conv):
     """The conv a LoRA (peft) layer wraps, or the conv itself."""
     return getattr(conv, "base_layer", conv)
 
@@ -495,7 +494,7 @@ def _split(pipe_or_unet, compiled_ok=False):
     """
     from diffusers import UNet2DConditionModel
 
-    is_pipeline = not isinstance(getattr(pipe_or_unet, "_orig_mod", pipe_or_unet), UNet2DConditionModel)
+    is_pipeline = not isinstance(steps.uncompiled(pipe_or_unet), UNet2DConditionModel)
     unet = getattr(pipe_or_unet, "unet", None) if is_pipeline else pipe_or_unet
     compiled = isinstance(getattr(unet, "_orig_mod", None), UNet2DConditionModel)
     unet = unet._orig_mod if compiled else unet
@@ -554,8 +553,8 @@ def _resolve_model_type(pipe, unet, model_type):
     detected = detected_model_type(unet.config, _name_or_path(pipe, unet))
     if model_type is None:
         return detected
-    family = "sd15" if detected == "sd15" else "sdxl"
-    if (model_type == "sd15") != (family == "sd15"):
+    if (model_type == "sd15") != (detected == "sd15"):
+        family = "sd15" if detected == "sd15" else "sdxl"
         raise ValueError(f"model_type {model_type!r} does not match this UNet's {family} architecture")
     return model_type
 
@@ -612,11 +611,9 @@ def _check_layout(unet, layout, model_type, apply_window_attn):
     require(layout.rad_pool, Transformer2DModel)
     require(layout.rau_interp, Transformer2DModel)
     if layout.rad_conv is not None:
-        conv = _unwrapped(modules.get(layout.rad_conv))
+        conv = _lora_base(modules.get(layout.rad_conv))
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"{model_type} UNet layout mismatch: expected a Conv2d at {layout.rad_conv!r}")
         if (conv.kernel_size, (conv.stride, conv.padding, conv.dilation), conv.groups) != (
                 (3, 3), raunet.DOWNSAMPLER_GEOMETRY, 1):
             raise ValueError(f"{layout.rad_conv} is not a 3x3 stride-2 downsampler conv")
-    if not hasattr(unet, "num_upsamplers"):
-        raise ValueError("this UNet has no num_upsamplers; RAU-Net cannot forward upsample sizes")

@@ -102,9 +102,9 @@ def _class_names(module):
 def check_sdxl_controlnet(pipe, model_type):
     """Refuse (ValueError) a pipeline whose ControlNet install_sdxl_controlnet cannot patch; no change."""
     controlnet = getattr(pipe, "controlnet", None)
-    if pipe is None or model_type not in SDXL_MODEL_TYPES or controlnet is None:
+    if model_type not in SDXL_MODEL_TYPES or controlnet is None:
         return
-    model = _unwrapped(controlnet)
+    model = steps.uncompiled(controlnet)
     if not _class_names(model) & set(_SINGLE + _MULTI):
         raise ValueError(f"HiDiffusion's SDXL ControlNet schedule supports {_SINGLE + _MULTI}; this pipeline's "
                          f"controlnet is a {type(model).__name__}")
@@ -140,21 +140,18 @@ def _replace(signature, args, kwargs, name, fn):
         args[index] = fn(args[index])
 
 
-def install_sdxl_controlnet(pipe, state):
+def install_sdxl_controlnet(pipe):
     """The original's SDXL ControlNet schedule on ``pipe.controlnet``; returns the undo.
 
-    A no-op (returning a no-op undo) unless ``state.model_type`` is an SDXL type and the pipeline has a
-    ControlNet. During a call of a pipeline whose UNet is patched (or inside a ``denoising_step`` block of a
-    patched UNet), the ControlNet runs on resized inputs for ``step < 0.6 n`` and otherwise returns NO_RESIDUAL
-    markers without running; the UNet's pre-call step must apply ``unet_controlnet_kwargs``. For an unpatched
-    UNet it runs as without HiDiffusion (steps.controlnet_step). The override holds no UNet: pipelines of several
-    patched UNets may share the ControlNet. apply_hidiffusion has checked the ControlNet's class
-    (check_sdxl_controlnet) before any change.
+    For pipelines of an SDXL-type UNet with a ControlNet (adapter._schedule_controlnets). During a call of a
+    pipeline whose UNet is patched (or inside a ``denoising_step`` block of a patched UNet), the ControlNet runs on
+    resized inputs for ``step < 0.6 n`` and otherwise returns NO_RESIDUAL markers without running; the UNet's
+    pre-call step must apply ``unet_controlnet_kwargs``. For an unpatched UNet it runs as without HiDiffusion
+    (steps.controlnet_step). The override holds no UNet: pipelines of several patched UNets may share the
+    ControlNet. apply_hidiffusion has checked the ControlNet's class (check_sdxl_controlnet) before any change.
     """
-    controlnet = getattr(pipe, "controlnet", None)
-    if state.model_type not in SDXL_MODEL_TYPES or controlnet is None:
-        return _nothing_to_undo
-    model = _unwrapped(controlnet)
+    controlnet = pipe.controlnet
+    model = steps.uncompiled(controlnet)
     multi = bool(_class_names(model) & set(_MULTI))
     # The signature of the ControlNet's own forward, read before the override takes the place of it.
     override = raunet.patch(_scheduled_controlnet_forward, model, multi, inspect.signature(model.forward),
@@ -176,7 +173,7 @@ def _schedule_site(module):
 def unschedule(net, override=None):
     """Take the SDXL ControlNet schedule off ControlNet ``net`` (compiled or not, hooked or not): ``override``, or
     whichever apply set it (remove_hidiffusion of any pipeline sharing the ControlNet)."""
-    for module in (net, _unwrapped(net)):
+    for module in (net, steps.uncompiled(net)):
         site = _schedule_site(module)
         if site is None or override not in (None, site[1]):
             continue
@@ -197,11 +194,7 @@ def scheduled_pipelines(undo):
 def runs_schedule(net):
     """Whether ControlNet ``net`` (compiled before or after the patch, hooked or not) runs the SDXL ControlNet
     schedule."""
-    return any(_schedule_site(m) for m in (net, _unwrapped(net)))
-
-
-def _unwrapped(net):
-    return getattr(net, "_orig_mod", net)  # torch.compile's wrapper
+    return any(_schedule_site(m) for m in (net, steps.uncompiled(net)))
 
 
 def _nothing_to_undo():

@@ -22,8 +22,8 @@ class WindowAttnProcessor:
     diffusers' loaders (``load_ip_adapter``, ``unload_ip_adapter``) rebuild every attention processor from its
     class with no arguments: such an unbound instance stands in for the site's own processor, which the patched
     UNet puts back at its next call (``remove_hidiffusion`` puts back the original one). A processor of a patch
-    removed since, which a copy of the processors taken while patched can bring back, runs stock attention: the
-    UNet's own without HiDiffusion (diffusers' own copy, for ``unfuse_qkv_projections``, gets the originals back).
+    removed since, which a copy of the processors taken while patched can bring back, runs stock attention
+    (AttnProcessor2_0; diffusers' own copy, for ``unfuse_qkv_projections``, gets the originals back).
     """
 
     def __init__(self, state=None):

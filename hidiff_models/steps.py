@@ -10,39 +10,37 @@ import contextvars
 import functools
 import inspect
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-
-from .schedule import checkpoint_name
 
 STATE_ATTR = "_hidiffusion"  # a patched UNet's attribute holding its HiDiffusion state (adapter.py)
 _explicit_steps = contextvars.ContextVar("hidiff_explicit_steps", default=())
 _pipeline_call = contextvars.ContextVar("hidiff_pipeline_call", default=None)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class PipelineCall:
     """One call of a patched pipeline; a fresh object per call, so the UNet can tell generations apart."""
 
     pipeline: object
-    flags: dict = field(default_factory=dict)
+    controlnet_text_to_image: bool = False
     denoising_end: object = None  # the call's argument (SDXL pipelines): where the run stops
     blocks_before: int = 0  # denoising_step blocks open when the call began: not the call's
     # Where the run starts in the scheduler's timesteps, where neither _num_timesteps nor begin_index tells (no n
     # published, or a denoising_end cut): found once, at the call's first UNet (or ControlNet) call
-    found_start: list = field(default_factory=list)
-    found_end: list = field(default_factory=list)  # where a denoising_end cut ends it: found once (a device sync)
+    start: int | None = None
+    end: int | None = None  # where a denoising_end cut ends it: found once (a device sync)
 
 
 @contextlib.contextmanager
 def denoising_step(unet, step: int, num_steps: int):
     """Run ``unet`` (or ``pipe.unet``) calls inside this block as 0-based ``step`` of ``num_steps``.
 
-    For a patched UNet driven by hand, outside a pipeline call.
+    For a patched UNet (and the SDXL ControlNet feeding it) driven by hand: outside a pipeline call, or from
+    one's callback.
     """
-    unet = getattr(unet, "unet", unet)
-    unet = getattr(unet, "_orig_mod", unet)  # torch.compile's wrapper: its calls reach the module itself
+    unet = uncompiled(getattr(unet, "unet", unet))
     for name, value in (("step", step), ("num_steps", num_steps)):
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"denoising_step: {name} must be an int, got {value!r}")
@@ -68,9 +66,14 @@ def explicit_step(unet):
     return None
 
 
+def uncompiled(module):
+    """The module a torch.compile wrapper holds (its calls reach it), or ``module`` itself."""
+    return getattr(module, "_orig_mod", module)
+
+
 def is_patched(unet):
     """Whether HiDiffusion is applied to ``unet`` (compiled by torch.compile or not)."""
-    return STATE_ATTR in getattr(getattr(unet, "_orig_mod", unet), "__dict__", ())
+    return STATE_ATTR in getattr(uncompiled(unet), "__dict__", ())
 
 
 def controlnet_step(timestep):
@@ -165,17 +168,17 @@ def _run_span(call, timestep):
     end = len(timesteps)
     if isinstance(denoising_end, float) and 0 < denoising_end < 1:  # what the SDXL pipelines take as valid
         # The run ends at the last timestep >= their cutoff, whatever strength or denoising_start cut from its head.
-        if not call.found_end:
+        if call.end is None:
             total = scheduler.config.num_train_timesteps
-            call.found_end.append(int((timesteps >= int(round(total - denoising_end * total))).sum()))
-        end = call.found_end[0]
+            call.end = int((timesteps >= int(round(total - denoising_end * total))).sum())
+        end = call.end
     begin = getattr(scheduler, "begin_index", None)
     if begin is not None:
         return begin, end - begin if n is None else min(n, end - begin)
     if n is not None and end == len(timesteps):
         # img2img strength truncation or denoising_start (pipelines that set no begin_index): the run ends at `end`
         return end - n, n
-    if not call.found_start:
+    if call.start is None:
         t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
         # n counted up to the cut, or past it (SDXL ControlNet pipelines): the start whose timestep is the first
         # call's; where both starts have it (a timestep PNDM repeats), the one the pipeline's own count gives
@@ -184,9 +187,8 @@ def _run_span(call, timestep):
             starts.reverse()
         starts = [s for s in starts if 0 <= s < end]
         known = [s for s in starts if timesteps[s] == t]
-        call.found_start.append(known[0] if known else _timestep_position(timesteps, 0, end, timestep, first=True))
-    start = call.found_start[0]
-    return start, end - start
+        call.start = known[0] if known else _timestep_position(timesteps, 0, end, timestep, first=True)
+    return call.start, end - call.start
 
 
 def _timestep_position(timesteps, start, n, timestep, first=False):
@@ -236,7 +238,7 @@ def tracking_class(cls):
                               "HiDiffusion removed since, through the UNet or another pipeline sharing it): this call "
                               "runs without HiDiffusion. Call apply_hidiffusion(pipe) again, or "
                               "remove_hidiffusion(pipe) to run without it.", UserWarning, stacklevel=2)
-            call = PipelineCall(self, pipeline_flags(self, arguments), arguments.get("denoising_end"),
+            call = PipelineCall(self, is_controlnet_text_to_image(self, arguments), arguments.get("denoising_end"),
                                 len(_explicit_steps.get()))
             token = _pipeline_call.set(call)
             try:
@@ -266,9 +268,9 @@ def is_modular(cls):
     return any(c.__name__ == "ModularPipeline" for c in cls.__mro__)
 
 
-def pipeline_flags(pipe, arguments):
-    """The schedule variants of a pipeline call: ControlNet text-to-image (from the call), Playground (from the
-    pipeline's name); inpainting is the model's (HiDiffusionState.inpainting).
+def is_controlnet_text_to_image(pipe, arguments):
+    """Whether a pipeline call is ControlNet text-to-image, the schedule variant a call decides (inpainting and
+    Playground are the model's: HiDiffusionState).
 
     A pipeline's class tells its task, except a modular pipeline's (one class runs every task, chosen by the
     inputs of the call, ``arguments`` by name: images, or what its encoder blocks make of them).
@@ -283,7 +285,4 @@ def pipeline_flags(pipe, arguments):
     else:
         image_to_image = "Img2Img" in cls.__name__ or "Inpaint" in cls.__name__
         controlnet = getattr(pipe, "controlnet", None) is not None
-    return dict(
-        controlnet=controlnet and not image_to_image,
-        playground="playground" in checkpoint_name(str(getattr(pipe, "name_or_path", "") or "")),
-    )
+    return controlnet and not image_to_image

@@ -447,8 +447,9 @@ def test_sd15_type_and_no_controlnet_are_untouched():
     controlnet = torch.nn.Linear(1, 1)
     for model_type, pipe in (("sd15", types.SimpleNamespace(controlnet=controlnet, unet=None)),
                              ("sdxl", types.SimpleNamespace(controlnet=None, unet=None))):
-        undo = cn.install_sdxl_controlnet(pipe, types.SimpleNamespace(model_type=model_type))
-        undo()
+        state = types.SimpleNamespace(model_type=model_type, undo=[])
+        adapter._schedule_controlnets(state, [pipe])
+        assert state.undo == []
         assert "forward" not in controlnet.__dict__
 
 

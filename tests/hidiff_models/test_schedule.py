@@ -1,12 +1,10 @@
 """RAU-Net schedule tables, written out by hand from ../shared/docs/hidiffusion-method.md (not recomputed), and the
 checkpoint names that select the SDXL-Turbo and Playground variants."""
-import types
 
 import pytest
 
 from hidiff_models import schedule
 from hidiff_models.schedule import ActiveOps, active_ops, profile
-from hidiff_models.steps import pipeline_flags
 
 
 def active_steps(model_type, size, n, **flags):
@@ -93,9 +91,3 @@ def test_active_ops_is_a_value():
 def test_checkpoint_name(name_or_path, name):
     assert schedule.checkpoint_name(name_or_path) == name
 
-
-def test_playground_is_known_by_the_checkpoint_name_not_a_parent_folder():
-    pipe = types.SimpleNamespace(name_or_path="/home/me/playground-tests/sdxl-base")
-    assert not pipeline_flags(pipe, {})["playground"]
-    pipe.name_or_path = "playgroundai/playground-v2.5-1024px-aesthetic"
-    assert pipeline_flags(pipe, {})["playground"]
