@@ -29,6 +29,7 @@ CONV = {"sd15": "down_blocks.0.downsamplers.0.conv", "sdxl": "down_blocks.1.down
 POOL = {"sd15": "down_blocks.1.attentions.0", "sdxl": "down_blocks.1.attentions.0"}
 INTERP = {"sd15": "up_blocks.2.attentions.1", "sdxl": "up_blocks.1.attentions.1"}
 WINDOW_TRANSFORMER = {"sd15": "down_blocks.0.attentions.0", "sdxl": "down_blocks.1.attentions.0"}
+WINDOW_ATTN = WINDOW_TRANSFORMER["sd15"] + ".transformer_blocks.0.attn1"  # an SD1.5 window block's self-attention
 
 
 @pytest.fixture(scope="module")
@@ -432,6 +433,21 @@ def test_unbound_window_processor_refuses_to_run():
         WindowAttnProcessor()(None, torch.randn(1, 4, 8))
 
 
+def test_window_processor_refuses_what_it_cannot_window(unets):
+    # Inputs no window-block call of the UNet makes: reached only by calling the attention module directly.
+    unet = apply_hidiffusion(unets["sd15"], backend="torch")
+    attn = module(unet, WINDOW_ATTN)
+    processor, tokens = attn.processor, torch.randn(1, 16, attn.query_dim)
+    processor.feature_size = (4, 4)
+    with pytest.raises(ValueError, match="self-attention without a mask"):
+        processor(attn, tokens, encoder_hidden_states=tokens)
+    with pytest.raises(RuntimeError, match=r"expects \[B, h\*w, C\] tokens"):
+        processor(attn, tokens.view(1, 16, attn.query_dim, 1))
+    processor.feature_size = (4, 5)
+    with pytest.raises(RuntimeError, match="feature map 4x5 does not match 16 tokens"):
+        processor(attn, tokens)
+
+
 def test_pickling_a_patched_unet_is_refused_clearly(unets):
     unet = apply_hidiffusion(unets["sd15"], backend="torch")
     with pytest.raises(TypeError, match="save its state_dict, or call remove_hidiffusion"):
@@ -546,6 +562,38 @@ def test_unsupported_models_are_refused(unets):
 
     with pytest.raises(TypeError, match=r"got MotionPipeline \(its .unet: Linear\)"):
         apply_hidiffusion(MotionPipeline())
+
+
+class ProcessorWithWeights(torch.nn.Module):  # as IP-Adapter's processors: weights of their own
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def __call__(self, *args, **kwargs):
+        return AttnProcessor2_0()(*args, **kwargs)
+
+
+def set_module(unet, name, new):
+    parent, _, child = name.rpartition(".")
+    setattr(module(unet, parent), child, new)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda u: set_module(u, CONV["sd15"], torch.nn.AvgPool2d(2)), "expected a Conv2d at"),
+    (lambda u: set_module(u, CONV["sd15"], torch.nn.Conv2d(32, 32, 1, stride=2)),
+     "not a 3x3 stride-2 downsampler conv"),
+    (lambda u: setattr(module(u, WINDOW_ATTN), "is_cross_attention", True), "not a plain self-attention"),
+    (lambda u: setattr(module(u, WINDOW_ATTN), "group_norm", torch.nn.GroupNorm(8, 32)), "group/spatial norm"),
+    (lambda u: module(u, WINDOW_ATTN).set_processor(ProcessorWithWeights()), "processor with weights"),
+], ids=["rad-conv-not-a-conv", "rad-conv-geometry", "cross-attention", "group-norm", "processor-weights"])
+def test_layout_mismatches_are_refused_before_any_change(unets, change, match):
+    # A UNet of the SD1.5 block layout whose modules HiDiffusion would patch are not what it expects.
+    unet = unets["sd15"]
+    change(unet)
+    before = snapshot(unet)
+    with pytest.raises(ValueError, match=match):
+        apply_hidiffusion(unet, backend="torch")
+    assert_same_snapshot(unet, before)
 
 
 def test_triton_without_interpreter_on_cpu_is_refused(unets, monkeypatch):
