@@ -168,6 +168,30 @@ def test_window_attention_matches_partition_reference(unets, monkeypatch, model,
     assert launches["msw"] == (len(reference.transformer_blocks) if backend == "triton" else 0)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+def test_window_attention_keeps_attention_options(unets, backend):
+    # Options of diffusers' Attention that SD and SDXL leave off, applied as its stock processor does: query/key
+    # norms, a residual connection, an output rescale.
+    unet = unets["sd15"]
+    for block in module(unet, WINDOW_TRANSFORMER["sd15"]).transformer_blocks:
+        attn = block.attn1
+        attn.norm_q, attn.norm_k = (torch.nn.LayerNorm(attn.inner_dim // attn.heads) for _ in range(2))
+        for norm in (attn.norm_q, attn.norm_k):
+            torch.nn.init.normal_(norm.weight, 1.0, 0.5), torch.nn.init.normal_(norm.bias)
+        attn.residual_connection, attn.rescale_output_factor = True, 2.0
+    size, shift = (7, 9), (2, 2)  # phase 2
+    reference = module(copy.deepcopy(unet), WINDOW_TRANSFORMER["sd15"])
+    for block in reference.transformer_blocks:
+        block.attn1.set_processor(PartitionReference(size, shift))
+    apply_hidiffusion(unet, backend=backend, apply_raunet=False, window_shift=2)
+    patched = module(unet, WINDOW_TRANSFORMER["sd15"])
+    x, context = torch.randn(2, patched.config.in_channels, *size), torch.randn(2, 7, 32)
+    with torch.no_grad():
+        expected = reference(x, encoder_hidden_states=context, return_dict=False)[0]
+        got = patched(x, encoder_hidden_states=context, return_dict=False)[0]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("skip", ["skip_attention", "skip_attention_scores"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
 def test_layer_skip_hooks_set_after_apply_skip_window_attention(built, skip, backend):
