@@ -24,9 +24,9 @@ class PipelineCall:
     """One call of a patched pipeline; a fresh object per call, so the UNet can tell generations apart."""
 
     pipeline: object
-    controlnet_text_to_image: bool = False
-    denoising_end: object = None  # the call's argument (SDXL pipelines): where the run stops
-    blocks_before: int = 0  # denoising_step blocks open when the call began: not the call's
+    controlnet_text_to_image: bool
+    denoising_end: object  # the call's argument (SDXL pipelines): where the run stops
+    blocks_before: int  # denoising_step blocks open when the call began: not the call's
     # Where the run starts in the scheduler's timesteps, where neither _num_timesteps nor begin_index tells (no n
     # published, or a denoising_end cut): found once, at the call's first UNet (or ControlNet) call
     start: int | None = None
@@ -179,7 +179,7 @@ def _run_span(call, timestep):
         # img2img strength truncation or denoising_start (pipelines that set no begin_index): the run ends at `end`
         return end - n, n
     if call.start is None:
-        t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
+        t = _first_timestep(timestep, timesteps)
         # n counted up to the cut, or past it (SDXL ControlNet pipelines): the start whose timestep is the first
         # call's; where both starts have it (a timestep PNDM repeats), the one the pipeline's own count gives
         starts = [] if n is None else [end - n, len(timesteps) - n]
@@ -191,6 +191,11 @@ def _run_span(call, timestep):
     return call.start, end - call.start
 
 
+def _first_timestep(timestep, timesteps):
+    """A call's timestep (its first sample's: _pipeline_step checked they agree) as an element of ``timesteps``."""
+    return torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
+
+
 def _timestep_position(timesteps, start, n, timestep, first=False):
     """Position of ``timestep`` among the n timesteps run from ``start``.
 
@@ -198,7 +203,7 @@ def _timestep_position(timesteps, start, n, timestep, first=False):
     the run's first UNet call, or a call before the scheduler's first step() of the run, is at the first one.
     """
     run = timesteps[start : start + n]
-    t = torch.as_tensor(timestep).flatten()[0].to(run.device, run.dtype)
+    t = _first_timestep(timestep, run)
     matches = (run == t).nonzero().flatten().tolist()
     if first and matches:
         return matches[0]
@@ -238,8 +243,8 @@ def tracking_class(cls):
                               "HiDiffusion removed since, through the UNet or another pipeline sharing it): this call "
                               "runs without HiDiffusion. Call apply_hidiffusion(pipe) again, or "
                               "remove_hidiffusion(pipe) to run without it.", UserWarning, stacklevel=2)
-            call = PipelineCall(self, is_controlnet_text_to_image(self, arguments), arguments.get("denoising_end"),
-                                len(_explicit_steps.get()))
+            call = PipelineCall(self, controlnet_text_to_image=is_controlnet_text_to_image(self, arguments),
+                                denoising_end=arguments.get("denoising_end"), blocks_before=len(_explicit_steps.get()))
             token = _pipeline_call.set(call)
             try:
                 return cls.__call__(self, *args, **kwargs)
