@@ -621,9 +621,12 @@ def compact_table(result) -> str:
 
 
 def write_json(result, path):
+    """Write ``result`` to ``path`` whole or not at all: a run killed mid-write keeps its last checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1))
+    os.replace(partial, path)
     return path
 
 

@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,6 +159,22 @@ def test_bench_tiny_writes_json(capsys, tmp_path):
             assert r["rel_err"] < 1e-5, r
     assert "vanilla (no HiDiffusion)" in out and TRITON_ROW in out and "sd15: 64x64 image, 8x8 latents" in out
     assert str(out_json) in err
+
+
+def test_a_json_write_cut_short_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    # The bench rewrites its JSON after every row: a run killed mid-write must leave the rows written before.
+    path = tmp_path / "bench.json"
+    bench.write_json({"rows": [1]}, path)
+
+    def killed_mid_write(self, text, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        bench.write_json({"rows": [1, 2]}, path)
+    assert json.loads(path.read_text()) == {"rows": [1]}
 
 
 @pytest.fixture
