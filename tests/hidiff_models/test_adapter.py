@@ -2,6 +2,7 @@
 import copy
 import io
 import math
+import re
 import threading
 import warnings
 
@@ -20,7 +21,7 @@ from hidiff_kernels.ops import msw_attention as msw_module
 from hidiff_kernels.ops import rau_conv as rau_module
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 from hidiff_models.configs import POOLED_TEXT_DIM, build_unet, seed_weights, unet_config
-from hidiff_models.processors import PAG_CHUNKS, WindowAttnProcessor
+from hidiff_models.processors import PAG_CHUNKS, PerturbedWindowAttnProcessor, WindowAttnProcessor
 from hidiff_models.schedule import ActiveOps
 
 from conftest import relative_error, requires_interpreter
@@ -325,6 +326,31 @@ def test_remove_restores_bit_for_bit(unets, model):
     assert torch.equal(run(unet, sample, kwargs), expected)
     remove_hidiffusion(unet)  # removing twice is a no-op
     assert_same_snapshot(unet, before)
+
+
+def test_remove_puts_back_an_instance_override_the_module_had_before_apply(unets):
+    # RAD-conv overrides the conv's _conv_forward on the instance. Where the instance had its own already (another
+    # library's wrapper), RAD-conv chains onto it, and remove must put it back, not delete it (which would
+    # silently fall back to nn.Conv2d's).
+    unet = unets["sd15"]
+    conv = module(unet, CONV["sd15"])
+    calls = []
+
+    def own_conv_forward(self, x, weight, bias):
+        calls.append(x.shape)
+        return torch.nn.Conv2d._conv_forward(self, x, weight, bias)
+
+    own = conv._conv_forward = own_conv_forward.__get__(conv)
+    sample, kwargs = inputs("sd15")
+    expected = run(unet, sample, kwargs)
+    apply_hidiffusion(unet, backend="torch", apply_window_attn=False)
+    calls.clear()
+    run(unet, sample, kwargs, step=9)  # RAD-conv inactive: the previous _conv_forward, the instance's own, runs
+    assert len(calls) == 1
+    remove_hidiffusion(unet)
+    assert conv.__dict__["_conv_forward"] is own
+    calls.clear()
+    assert torch.equal(run(unet, sample, kwargs), expected) and len(calls) == 1
 
 
 @pytest.mark.parametrize("rebuilt", [False, True], ids=["ours", "rebuilt-from-class"])
@@ -706,6 +732,25 @@ def test_unet_call_without_step_source_is_refused(unets):
             pass
 
 
+@pytest.mark.parametrize("step, num_steps, bad", [
+    (1.0, 10, "step"), (0, 10.0, "num_steps"), (True, 10, "step"), (0, True, "num_steps"), ("0", 10, "step"),
+    (torch.tensor(0), 10, "step"),  # a 0-d tensor (an index read off a tensor) is no int either
+])
+def test_denoising_step_refuses_non_int_steps(built, step, num_steps, bad):
+    # bool is an int subclass: refused all the same (denoising_step(unet, True, 10) is a slip, not step 1)
+    value = {"step": step, "num_steps": num_steps}[bad]
+    with pytest.raises(TypeError, match=rf"{bad} must be an int, got {re.escape(repr(value))}"):
+        with denoising_step(built["sd15"], step, num_steps):
+            pass
+
+
+@pytest.mark.parametrize("step, num_steps", [(-1, 10), (10, 10), (0, 0)])
+def test_denoising_step_refuses_a_step_out_of_range_naming_it(built, step, num_steps):
+    with pytest.raises(ValueError, match=rf"0 <= step < num_steps, got step={step}, num_steps={num_steps}$"):
+        with denoising_step(built["sd15"], step, num_steps):
+            pass
+
+
 @pytest.mark.parametrize("size", [(20, 28), (18, 26)])
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
 def test_odd_sizes_and_batches_run_with_every_op_active(unets, monkeypatch, model, size):
@@ -749,6 +794,25 @@ def test_pag_at_window_sites_composes_with_msw(unets, model, pag):
         perturbed = run(unet, sample[last], batch_rows(kwargs, last))[-1:]
     assert relative_error(out[:-1], guided) < 1e-5
     assert relative_error(out[-1:], perturbed) < 1e-5
+
+
+@pytest.mark.parametrize("pag", [PAGCFGIdentitySelfAttnProcessor2_0, PAGIdentitySelfAttnProcessor2_0])
+def test_pag_identity_path_keeps_residual_connection_and_rescale(unets, pag):
+    # The perturbed chunk's identity attention adds the residual and rescales itself (SD/SDXL leave both off, so
+    # the pipeline tests never reach it): as diffusers' PAG processor on the same input, chunk for chunk.
+    unet = apply_hidiffusion(unets["sd15"], backend="torch", apply_raunet=False, window_shift=1)
+    attn = module(unet, WINDOW_ATTN)
+    attn.residual_connection, attn.rescale_output_factor = True, 2.0
+    window = attn.processor
+    window.feature_size = (4, 4)
+    chunks = PAG_CHUNKS[pag]
+    x = torch.randn(chunks, 16, attn.query_dim)
+    with torch.no_grad():
+        composed = PerturbedWindowAttnProcessor(window, chunks)(attn, x)
+        stock = pag()(attn, x)
+        guided = window(attn, x[:-1])
+    torch.testing.assert_close(composed[-1:], stock[-1:], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(composed[:-1], guided, atol=0, rtol=0)
 
 
 @requires_interpreter

@@ -92,6 +92,34 @@ def test_markers_survive_guess_mode_and_nothing_else():
             op()
 
 
+def test_resized_residual_refuses_anything_but_feature_plus_residual():
+    feature, residual = torch.ones(1, 2, 4, 4), raunet.ResizedResidual(torch.rand(1, 2, 2, 2))
+    bicubic = torch.nn.functional.interpolate(residual.tensor, size=(4, 4), mode="bicubic")
+    assert torch.equal(feature + residual, feature + bicubic)  # what the UNet does
+    assert torch.equal(residual + feature, feature + bicubic)  # Python's reflected add: torch swaps it back
+    # other ops, or an add with extra arguments, would compute something else than the UNet's add: refused
+    for op in (lambda: torch.mul(feature, residual), lambda: torch.add(feature, residual, alpha=2),
+               lambda: feature.add_(residual), lambda: torch.sub(feature, residual)):
+        with pytest.raises(TypeError, match=r"only supports `feature \+ residual`"):
+            op()
+    # torch.add with the residual first, or two residuals: no feature map to resize to
+    for op in (lambda: torch.add(residual, feature), lambda: torch.add(residual, residual)):
+        with pytest.raises(TypeError, match="added to a feature map on its right"):
+            op()
+    assert torch.equal(feature, torch.ones(1, 2, 4, 4))  # the refused in-place add changed nothing
+
+
+def test_conditioning_resize_passes_non_tensors_through():
+    # controlnet_cond as a ControlNet takes it: a tensor, or (Multi/Union ControlNets) lists and tuples of them;
+    # anything else in there (an entry a ControlNet accepts but is no image tensor) goes through untouched.
+    image, other = torch.rand(1, 3, 16, 16), object()
+    resized = cn._resize_images([image, (image, other), other, None], (8, 4))
+    assert type(resized) is list and type(resized[1]) is tuple
+    assert [r.shape for r in (resized[0], resized[1][0])] == [(1, 3, 8, 4)] * 2
+    assert resized[1][1] is other and resized[2] is other and resized[3] is None
+    assert cn._resize_images(other, (8, 4)) is other
+
+
 def test_unet_kwargs():
     down, mid = (torch.ones(1, 2, 4, 4), torch.ones(1, 2, 2, 2)), torch.ones(1, 2, 1, 1)
     out = cn.unet_controlnet_kwargs(dict(sample=1, down_block_additional_residuals=down, mid_block_additional_residual=mid))

@@ -124,6 +124,24 @@ def test_applying_twice_to_a_pipeline_and_remove(parts):
     assert type(pipe) is StableDiffusionPipeline
 
 
+@pytest.mark.parametrize("bad_call", [
+    lambda pipe: pipe(PROMPT, prompt=PROMPT),  # prompt twice
+    lambda pipe: pipe(*[None] * 60),  # more positional arguments than __call__ takes
+], ids=["argument-twice", "too-many-positional"])
+def test_a_call_the_pipeline_refuses_raises_the_pipelines_own_type_error(parts, bad_call):
+    # The tracking __call__ reads the arguments by binding them to the pipeline's signature; where they do not
+    # bind, the pipeline's own __call__ must refuse them, with its own message (not inspect's), and the refused
+    # call must leave no pipeline call published.
+    with pytest.raises(TypeError) as unpatched:
+        bad_call(sd15_pipe(parts))
+    pipe = apply_hidiffusion(sd15_pipe(parts), backend="torch")
+    with pytest.raises(TypeError) as patched:
+        bad_call(pipe)
+    assert str(patched.value) == str(unpatched.value)
+    assert "StableDiffusionPipeline.__call__()" in str(patched.value)
+    assert hidiff_models.steps.pipeline_call() is None
+
+
 class Interrupt(Exception):
     pass
 
