@@ -46,8 +46,10 @@ def controlnet_input_size(height: int, width: int) -> tuple:
     factor = max(height / base_h, width / base_w)
     size = (int(height // factor) // 8 * 8, int(width // factor) // 8 * 8)
     if min(size) == 0:
-        raise ValueError(f"HiDiffusion: a {height}x{width} latent is too elongated for the SDXL ControlNet's "
-                         f"{base_h}-latent base (its input would be {size[0]}x{size[1]})")
+        raise ValueError(f"HiDiffusion: a {height}x{width} latent is too elongated for the SDXL ControlNet "
+                         f"schedule, which runs the ControlNet at {size[0]}x{size[1]} for it (the longer side scaled "
+                         f"to {base_h}, both rounded down to multiples of 8): keep the sides within 16:1, or run "
+                         "this size without HiDiffusion (remove_hidiffusion(pipe))")
     return size
 
 

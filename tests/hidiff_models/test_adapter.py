@@ -751,7 +751,7 @@ def test_denoising_step_refuses_a_step_out_of_range_naming_it(built, step, num_s
             pass
 
 
-@pytest.mark.parametrize("size", [(20, 28), (18, 26)])
+@pytest.mark.parametrize("size", [(20, 28), (18, 26), (17, 23), (1, 11), (11, 1)])  # ceil(H/4) != H/4 at each depth
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
 def test_odd_sizes_and_batches_run_with_every_op_active(unets, monkeypatch, model, size):
     monkeypatch.setattr(adapter, "active_ops", lambda *args, **kwargs: ActiveOps(rad_conv=True, rad_pool=True))
@@ -816,14 +816,15 @@ def test_pag_identity_path_keeps_residual_connection_and_rescale(unets, pag):
 
 
 @requires_interpreter
-@pytest.mark.parametrize("model, memory_format", [
-    ("sd15", torch.contiguous_format),
-    ("sd15", torch.channels_last),  # unet.to(memory_format=torch.channels_last): the usual deployment setting
-    ("sd21", torch.contiguous_format),  # linear projections, 2 heads in the top blocks
-    ("sdxl", torch.contiguous_format),
+@pytest.mark.parametrize("model, memory_format, size", [  # the interpreter is slow: small maps
+    ("sd15", torch.contiguous_format, (8, 12)),
+    ("sd15", torch.channels_last, (8, 12)),  # unet.to(memory_format=torch.channels_last): the usual deployment
+    ("sd21", torch.contiguous_format, (8, 12)),  # linear projections, 2 heads in the top blocks
+    ("sdxl", torch.contiguous_format, (8, 12)),
+    ("sd15", torch.contiguous_format, (9, 7)),  # odd: uneven windows, RAD-conv and upsamples off the x4/x2 grid
 ])
-def test_triton_backend_matches_torch_backend(built, monkeypatch, model, memory_format):
-    sample, kwargs = inputs(model, size=(8, 12))  # the interpreter is slow: small maps
+def test_triton_backend_matches_torch_backend(built, monkeypatch, model, memory_format, size):
+    sample, kwargs = inputs(model, size=size)
     launches = count_kernel_launches(monkeypatch)
     outputs = {}
     for backend in ("triton", "torch"):

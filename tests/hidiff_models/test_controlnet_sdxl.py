@@ -69,8 +69,10 @@ def test_input_size_is_the_originals(size):
 
 
 def test_too_elongated_latent_is_refused():
-    with pytest.raises(ValueError, match="too elongated"):
-        cn.controlnet_input_size(8, 512)
+    assert cn.controlnet_input_size(7, 112) == (8, 128)  # 16:1, the most elongated the base leaves an input
+    for size in ((8, 512), (8, 129), (113, 7)):
+        with pytest.raises(ValueError, match=r"too elongated .* within 16:1"):
+            cn.controlnet_input_size(*size)
 
 
 @pytest.mark.parametrize("n", range(1, 31))
