@@ -40,3 +40,19 @@ requires_interpreter = pytest.mark.skipif(
 def relative_error(actual, expected):
     """||actual - expected|| / ||expected|| in float64."""
     return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def modular_sdxl_pipeline(components):
+    """diffusers' modular SDXL pipeline (every task in one class) holding ``components``; skips the test where
+    diffusers has none, or one whose update_components takes only components it loaded itself (0.35.2)."""
+    import diffusers
+
+    modular_pipelines = pytest.importorskip("diffusers.modular_pipelines")
+    pipe = modular_pipelines.StableDiffusionXLAutoBlocks().init_pipeline()
+    try:
+        pipe.update_components(**{k: v for k, v in components.items() if v is not None})
+    except ValueError as e:
+        if "Cannot create ComponentSpec" not in str(e):
+            raise
+        pytest.skip(f"modular pipelines of diffusers {diffusers.__version__} take only components they loaded")
+    return pipe

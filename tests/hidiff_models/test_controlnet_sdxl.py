@@ -21,6 +21,8 @@ import tiny_sdxl_controlnet as tiny  # beside this file (pytest puts the test di
 import hidiff_models.raunet as raunet
 from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 
+from conftest import modular_sdxl_pipeline
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 FIXTURES = torch.load(HERE / "fixtures" / "original_sdxl_controlnet.pt", weights_only=True)
@@ -352,10 +354,8 @@ def test_controlnet_set_after_apply_is_refused_until_applied_again(small_base):
 
 def test_modular_pipeline_given_a_controlnet_after_apply_is_refused_only_when_it_runs(small_base):
     # One modular pipeline runs every task: its ControlNet runs only for calls with a control image.
-    modular_pipelines = pytest.importorskip("diffusers.modular_pipelines")
     classic = tiny.build_pipeline()
-    modular = modular_pipelines.StableDiffusionXLAutoBlocks().init_pipeline()
-    modular.update_components(**{k: v for k, v in classic.components.items() if v is not None and k != "controlnet"})
+    modular = modular_sdxl_pipeline({k: v for k, v in classic.components.items() if k != "controlnet"})
     apply(modular)
     kwargs = dict(prompt=tiny.PROMPT, height=tiny.HEIGHT, width=tiny.WIDTH, num_inference_steps=2, output="latents")
     expected = modular(**kwargs, generator=torch.Generator().manual_seed(0))

@@ -33,6 +33,8 @@ from hidiff_models import apply_hidiffusion, denoising_step, remove_hidiffusion
 from hidiff_models.configs import build_unet, seed_weights
 from hidiff_models.schedule import active_ops
 
+from conftest import modular_sdxl_pipeline
+
 PROMPT = "a photo of a cat"
 
 
@@ -479,13 +481,12 @@ def test_modular_pipeline_runs_the_schedule_of_the_classic_pipeline_for_the_same
     # One modular SDXL pipeline class runs every task, chosen by the call's inputs (all taken as **kwargs, or from
     # a PipelineState); each step's UNet calls (two: its guider runs CFG as separate calls) get what the classic
     # pipeline's call gets.
-    modular_pipelines = pytest.importorskip("diffusers.modular_pipelines")
     classic = sdxl_pipe(parts)
-    modular = modular_pipelines.StableDiffusionXLAutoBlocks().init_pipeline()
-    modular.update_components(**{k: v for k, v in classic.components.items() if v is not None})
+    modular = modular_sdxl_pipeline(classic.components)
+    from diffusers.modular_pipelines import PipelineState  # there, since the line above did not skip
     apply_hidiffusion(modular, backend="torch")
     images = dict(image=torch.rand(1, 3, 64, 64), mask_image=(torch.rand(1, 1, 64, 64) > 0.5).float())
-    state = modular_pipelines.PipelineState()
+    state = PipelineState()
     for name, value in images.items():
         state.set(name, value)
     # what its VAE-encoder blocks, run on their own (a node), make of the images
@@ -511,9 +512,7 @@ def test_modular_pipeline_runs_the_schedule_of_the_classic_pipeline_for_the_same
 
 
 def test_modular_pipeline_given_a_unet_after_apply_warns(parts):
-    modular_pipelines = pytest.importorskip("diffusers.modular_pipelines")
-    modular = modular_pipelines.StableDiffusionXLAutoBlocks().init_pipeline()
-    modular.update_components(**{k: v for k, v in sdxl_pipe(parts).components.items() if v is not None})
+    modular = modular_sdxl_pipeline(sdxl_pipe(parts).components)
     apply_hidiffusion(modular, backend="torch")
     modular.update_components(unet=copy.deepcopy(parts["sdxl_unet"]))
     with pytest.warns(UserWarning, match="UNet is not patched"):
