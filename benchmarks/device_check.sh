@@ -11,8 +11,9 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1
 #
-# Then one device call: command "HIDIFF_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/device_check.sh"
-# (the commit written out: the tree travels without .git), carry [".whl"], timeout_s 600.
+# Then one device call: command "HIDIFF_COMMIT=<hash> bash benchmarks/device_check.sh", <hash> being what
+# `git rev-parse --short HEAD` prints here before the call (the tree travels without .git, so $(git ...) in the
+# command would run there and find none), carry [".whl"], timeout_s 600.
 #
 # Stages, each under its own `timeout` so one hang cannot eat the lease; a failed stage is reported and the
 # next one runs:

@@ -638,7 +638,8 @@ def require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'hidiff[plot]' (or pip install matplotlib)") from None
+        raise UserError("--plot needs matplotlib: pip install matplotlib (in a hidiff checkout: pip install '.[plot]')"
+                        ) from None
     return plt
 
 

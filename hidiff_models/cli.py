@@ -101,7 +101,7 @@ def build_parser():
     bench.add_argument("--json", metavar="PATH", default=None, type=os.path.expanduser,
                        help="where to write all results as JSON (default: bench-results/bench.json)")
     bench.add_argument("--plot", metavar="PATH", type=os.path.expanduser,
-                       help="also draw a bar chart of the timings (PNG; needs matplotlib, pip install 'hidiff[plot]')")
+                       help="also draw a bar chart of the timings (PNG; needs matplotlib: pip install matplotlib)")
     bench.set_defaults(func=cmd_bench)
 
     gen = sub.add_parser(
@@ -311,6 +311,11 @@ def cmd_generate(args):
     model_type = _model_type_for(args.model_type, args.model, detected)
     out = _output_path(args.output)
     device, dtype_name = _device_and_dtype(args)
+    from hidiff_kernels import triton_runs_on
+
+    if args.backend == "triton" and not triton_runs_on(torch.device(device)):  # before the long load, not after
+        raise UserError(f"--backend triton: the Triton kernels need CUDA (or TRITON_INTERPRET=1 on CPU); this runs "
+                        f"on {device}: use --backend torch or auto")
     from .bench import DTYPES, cpu_threads, quiet_diffusers
 
     if device == "cpu":

@@ -230,7 +230,7 @@ def test_plot_or_clear_message(capsys, tmp_path):
         with pytest.raises(cli.UserError, match="matplotlib"):
             bench.plot(result, tmp_path / "plot.png")
         code, _, err = run_main(capsys, "bench", "--device", "cpu", "--plot", str(tmp_path / "plot.png"))
-        assert_one_line_error(code, err, "pip install 'hidiff[plot]'")  # refused before any timing
+        assert_one_line_error(code, err, "pip install matplotlib")  # refused before any timing
     else:
         path = bench.plot(result, tmp_path / "plot.png")
         assert path.read_bytes()[:4] == b"\x89PNG"
@@ -278,6 +278,14 @@ def test_generate_with_tiny_local_pipeline(capsys, tmp_path, tiny_pipeline):
     assert code == 0, err
     assert Image.open(output).size == (96, 64)
     assert "saved" in err
+
+
+def test_generate_refuses_triton_where_it_cannot_run_before_loading(capsys, monkeypatch, tiny_pipeline):
+    monkeypatch.setattr(hidiff_kernels, "triton_runs_on", lambda device: False)  # CPU without TRITON_INTERPRET
+    monkeypatch.setattr(cli, "load_pipeline", lambda *args: pytest.fail("loaded before refusing"))
+    code, _, err = run_main(capsys, "generate", "--model", str(tiny_pipeline), "--prompt", "a cat", "--device", "cpu",
+                            "--backend", "triton")
+    assert_one_line_error(code, err, "--backend triton: the Triton kernels need CUDA")
 
 
 def test_generate_and_bench_with_fp16_variant_weights(capsys, tmp_path, tiny_pipeline):
