@@ -365,6 +365,27 @@ def test_modular_pipeline_given_a_controlnet_after_apply_is_refused_only_when_it
         modular(**kwargs, control_image=tiny.control_image())
 
 
+@pytest.mark.parametrize("case", ["text2img", "img2img"])
+def test_modular_pipeline_with_a_controlnet_runs_the_classic_pipelines_schedule(small_base, monkeypatch, case):
+    # The task comes from the call's inputs (a control image, and an image for img2img); the modular guider runs
+    # CFG as two calls per step, each scheduled as the classic pipeline's one (ControlNet text-to-image flag too).
+    log = []
+    real_runs, real_ops = cn.controlnet_runs, adapter.active_ops
+    monkeypatch.setattr(cn, "controlnet_runs", lambda step, n: log.append(("controlnet", step, n)) or real_runs(step, n))
+    monkeypatch.setattr(adapter, "active_ops", lambda model_type, h, w, step, n, **flags: log.append(
+        ("unet", step, n, flags)) or real_ops(model_type, h, w, step, n, **flags))
+    classic = tiny.build_pipeline(tiny.CASES[case][0])
+    modular = apply(modular_sdxl_pipeline(classic.components))
+    tiny.generate(apply(classic), case, num_inference_steps=4)
+    expected = [log[i:i + 2] for i in range(0, len(log), 2)]  # (controlnet, unet) per step
+    log.clear()
+    image = dict(image=tiny.control_image(seed=12), strength=tiny.CASES["img2img"][1]["strength"])
+    modular(prompt=tiny.PROMPT, height=tiny.HEIGHT, width=tiny.WIDTH, num_inference_steps=4, output="latents",
+            control_image=tiny.control_image(), **(image if case == "img2img" else {}))
+    calls = [log[i:i + 2] for i in range(0, len(log), 2)]
+    assert calls[::2] == calls[1::2] == expected
+
+
 def test_another_unet_driven_by_hand_from_a_callback_is_not_checked_against_the_controlnet(small_base):
     pipe = apply(tiny.build_pipeline())
     other = apply(tiny.build_pipeline()).unet  # patched with no pipeline of its own: its ControlNet is not in it

@@ -494,10 +494,13 @@ def test_modular_pipeline_runs_the_schedule_of_the_classic_pipeline_for_the_same
     encoder.update_components(**{name: getattr(modular, name) for name in encoder.component_names})
     latents = encoder(**images, height=64, width=64, output=["image_latents", "mask"])
     inpaint = StableDiffusionXLInpaintPipeline.from_pipe(classic)
-    apply_hidiffusion(classic, backend="torch")
-    apply_hidiffusion(inpaint, backend="torch")
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(classic)
+    for pipe in (classic, inpaint, img2img):
+        apply_hidiffusion(pipe, backend="torch")
     for task, pipe, kwargs, modular_kwargs in [
         ("denoising_end", classic, dict(denoising_end=0.6), dict(denoising_end=0.6)),
+        ("image-to-image", img2img, dict(image=images["image"], strength=0.6),
+         dict(image=images["image"], strength=0.6)),
         ("inpainting", inpaint, dict(images, strength=0.99), dict(images, strength=0.99)),
         ("inpainting from a state", inpaint, dict(images, strength=0.99), dict(state=state, strength=0.99)),
         ("inpainting from latents", inpaint, dict(images, strength=0.99), dict(latents, strength=0.99)),
