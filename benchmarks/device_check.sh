@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# hidiff GPU device check: the one prepared script for a lent GPU machine (under 7 minutes: the default stages
-# are capped at 425 s in all). It needs no network.
+# hidiff GPU device check: the one prepared script for a lent GPU machine (about 6 minutes estimated at the real
+# sizes, never run on a GPU yet; the default stages are capped at 485 s in all). It needs no network.
 #
 # Before the call, here in the repository root, fetch the one package the GPU image lacks (it has torch,
 # triton, einops, numpy, tqdm, huggingface-hub, safetensors, pillow, regex, requests, filelock, pytest,
@@ -18,17 +18,19 @@
 # Stages, each under its own `timeout` so one hang cannot eat the lease; a failed stage is reported and the
 # next one runs:
 #   parity   pytest tests/hidiff_kernels: the kernels against the reference on CUDA in fp32/fp16/bf16, each
-#            launch on its class's default config (HIDIFF_AUTOTUNE=0: no autotuning of every test shape)
+#            launch on its class's default config (HIDIFF_AUTOTUNE=0: no autotuning of every test shape), in 8
+#            processes where pytest-xdist is installed (the kernel builds dominate; the GPU image has it)
 #   unet     hidiff bench --device cuda: full-size SD1.5 (1024², 2048²) and SDXL (2048², 4096²) UNet step, fp16,
 #            CFG batch 2: vanilla / backend torch / backend triton at step 0 (RAU-Net + MSW-MSA) and step 49
 #            (MSW-MSA only), with the triton-vs-torch relative error, and the op rows
-#   msw, rau the tables of benchmarks/bench_msw_attention.py and benchmarks/bench_rau_conv.py
+#   msw, rau the tables of benchmarks/bench_msw_attention.py (FlexAttention on its bf16 rows: it compiles per
+#            shape) and benchmarks/bench_rau_conv.py
 #   configs  (not by default: ~70 kernel builds, about 100 s; the CPU suite runs every config through the
 #            interpreter) pytest -m all_configs: every autotune config of every kernel against the reference on
 #            CUDA, at odd sizes (the timed stages check only the configs the autotuner picked, at their shapes)
-#   compile  benchmarks/compile_check.py: torch.compile(fullgraph=True) of a patched tiny UNet with the Triton
-#            backend (inductor; reduce-overhead = CUDA graphs, with the number of graphs recorded for random
-#            window shifts, then default mode) against eager
+#   compile  benchmarks/compile_check.py: torch.compile(fullgraph=True, mode="reduce-overhead": CUDA graphs) of a
+#            patched tiny UNet with the Triton backend against eager, with the number of graphs recorded for
+#            random window shifts (COMPILE_MODES="reduce-overhead default" adds the default mode)
 #   build    (not by default: the CPU test suite compiles every config for sm_90a and sm_80) python -m
 #            hidiff_kernels.build_check with the GPU machine's triton: registers, spills, shared memory
 # Everything goes to $OUT/log (and bench.json, build.json, parity.txt, configs.txt, msw.txt, rau.txt, compile.txt); a
@@ -42,6 +44,7 @@ OUT=${OUT:-${TMPDIR:-/tmp}/hidiff-device-check}
 STAGES=${STAGES:-"parity unet msw rau compile"}
 DEVICE=${DEVICE:-cuda}
 BENCH_ARGS=${BENCH_ARGS:-"--repeats 3"}
+COMPILE_MODES=${COMPILE_MODES:-reduce-overhead}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 SUMMARY=()
@@ -111,23 +114,25 @@ main() {
     export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
     unset TRITON_INTERPRET
 
-    # The default stages' limits add up to 425 s (about 7 minutes with the install, env report and summary,
-    # well inside a 600 s call); the measurements come before the checks that compile many kernels.
+    # The default stages' limits add up to 485 s (with the install, env report and summary, inside a 600 s call);
+    # the measurements come before the checks that compile many kernels.
     echo
     echo "=== env"
     env_report
     stage build 60 "$PY" -m hidiff_kernels.build_check --json "$OUT/build.json"
-    stage parity 70 bash -c "set -o pipefail; HIDIFF_AUTOTUNE=0 '$PY' -m pytest tests/hidiff_kernels -q \
+    local parallel=""
+    "$PY" -c "import xdist" 2>/dev/null && parallel="-n 8"
+    stage parity 75 bash -c "set -o pipefail; HIDIFF_AUTOTUNE=0 '$PY' -m pytest tests/hidiff_kernels -q -rfE $parallel \
         -p no:cacheprovider -m 'not all_configs' --ignore=tests/hidiff_kernels/test_build.py 2>&1 | tee '$OUT/parity.txt'"
     # shellcheck disable=SC2086
-    stage unet 145 "$PY" -m hidiff_models bench --device "$DEVICE" $BENCH_ARGS --json "$OUT/bench.json"
-    stage msw 100 bash -c "set -o pipefail; '$PY' benchmarks/bench_msw_attention.py 2>&1 | tee '$OUT/msw.txt'"
-    stage rau 45 bash -c "set -o pipefail; '$PY' benchmarks/bench_rau_conv.py 2>&1 | tee '$OUT/rau.txt'"
+    stage unet 130 "$PY" -m hidiff_models bench --device "$DEVICE" $BENCH_ARGS --json "$OUT/bench.json"
+    stage msw 110 bash -c "set -o pipefail; '$PY' benchmarks/bench_msw_attention.py 2>&1 | tee '$OUT/msw.txt'"
+    stage rau 80 bash -c "set -o pipefail; '$PY' benchmarks/bench_rau_conv.py 2>&1 | tee '$OUT/rau.txt'"
     stage configs 120 bash -c "set -o pipefail; '$PY' -m pytest tests/hidiff_kernels -q -p no:cacheprovider \
         -m all_configs 2>&1 | tee '$OUT/configs.txt'"
-    # reduce-overhead first (how many CUDA graphs random window shifts record is the open question); no autotuning
-    stage compile 65 bash -c "set -o pipefail; HIDIFF_AUTOTUNE=0 '$PY' benchmarks/compile_check.py \
-        --modes reduce-overhead default 2>&1 | tee '$OUT/compile.txt'"
+    # CUDA graphs (how many random window shifts record is the open question); no autotuning
+    stage compile 90 bash -c "set -o pipefail; HIDIFF_AUTOTUNE=0 '$PY' benchmarks/compile_check.py \
+        --modes $COMPILE_MODES 2>&1 | tee '$OUT/compile.txt'"
     summary
 }
 

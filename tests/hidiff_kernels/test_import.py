@@ -52,6 +52,15 @@ assert ((out - want).norm() / want.norm()).item() < 1e-5
     ("true", "interpreted", "true"),  # Triton's other spelling: the interpreted kernels run
 ])
 def test_ops_follow_how_the_kernels_were_built(at_import, built, later):
+    if built == "interpreted":
+        import numpy as np
+        import triton
+
+        from hidiff_kernels._common import _interpreter_problem
+
+        problem = _interpreter_problem(triton.__version__, np.__version__)  # the GPU image's pair: 3.6, numpy 2.5
+        if problem:
+            pytest.skip(problem)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if at_import:
         env["TRITON_INTERPRET"] = at_import
