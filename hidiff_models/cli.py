@@ -178,7 +178,13 @@ def cmd_bench(args):
           f"{cfg.repeats} repeats", file=sys.stderr)
     if device == "cpu":
         print(f"{bench.CPU_LABEL}: the Triton rows need CUDA", file=sys.stderr)
-    result = bench.run(cfg, checkpoint=lambda partial: bench.write_json(partial, json_path))
+    written = []  # the checkpoints: an interrupted run says where its rows so far are
+    try:
+        result = bench.run(cfg, checkpoint=lambda partial: written.append(bench.write_json(partial, json_path)))
+    except KeyboardInterrupt:
+        if written:
+            print(f"the rows timed so far: {written[-1]} (meta.partial: true)", file=sys.stderr)
+        raise
     print(bench.format_table(result))
     print()
     print(bench.compact_table(result))

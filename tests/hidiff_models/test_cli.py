@@ -177,6 +177,19 @@ def test_a_json_write_cut_short_keeps_the_last_checkpoint(tmp_path, monkeypatch)
     assert json.loads(path.read_text()) == {"rows": [1]}
 
 
+def test_an_interrupted_bench_says_where_its_rows_so_far_are(capsys, tmp_path, monkeypatch):
+    def interrupted_run(cfg, checkpoint):
+        checkpoint({"meta": {"partial": True}, "rows": [1]})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run", interrupted_run)
+    out_json = tmp_path / "bench.json"
+    code, _, err = run_main(capsys, "bench", "--device", "cpu", "--json", str(out_json))
+    assert code == 130 and "Traceback" not in err
+    assert f"the rows timed so far: {out_json}" in err and err.strip().endswith("interrupted")
+    assert json.loads(out_json.read_text())["rows"] == [1]
+
+
 @pytest.fixture
 def applied_model_types(monkeypatch):
     """The model_type of every apply_hidiffusion call the bench makes, in call order."""
