@@ -341,8 +341,8 @@ def cmd_generate(args):
     if args.height * args.width > 2048 * 2048 and hasattr(pipe, "enable_vae_tiling"):
         pipe.enable_vae_tiling()  # decoding a 4096² image in one piece needs tens of GB
         print("VAE tiling on (image larger than 2048x2048)", file=sys.stderr)
-    print(f"HiDiffusion applied (backend {args.backend}); generating {args.height}x{args.width} (height x width, "
-          f"as the bench prints sizes), {args.steps} steps", file=sys.stderr)
+    print(f"HiDiffusion applied (backend {args.backend}); generating {args.height}x{args.width} (height x width), "
+          f"{args.steps} steps", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     with torch.inference_mode():
         image = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
