@@ -23,10 +23,10 @@
 #   unet     hidiff bench --device cuda: full-size SD1.5 (1024², 2048²) and SDXL (2048², 4096²) UNet step, fp16,
 #            CFG batch 2: vanilla / backend torch / backend triton at step 0 (RAU-Net + MSW-MSA) and step 49
 #            (MSW-MSA only), with the triton-vs-torch relative error, and the op rows
-#   msw, rau the tables of benchmarks/bench_msw_attention.py (FlexAttention on its bf16 rows: it compiles per
-#            shape) and benchmarks/bench_rau_conv.py
-#   configs  (not by default: ~70 kernel builds, about 100 s; the CPU suite runs every config through the
-#            interpreter) pytest -m all_configs: every autotune config of every kernel against the reference on
+#   msw, rau the tables of benchmarks/bench_msw_attention.py (FlexAttention on its bf16 rows and the memory
+#            row: it compiles per shape) and benchmarks/bench_rau_conv.py
+#   configs  (not by default, and in a call of its own or in place of msw: the default caps and its 120 s would
+#            pass 600 s; ~70 kernel builds, about 100 s; the CPU suite runs every config through the interpreter) pytest -m all_configs: every autotune config of every kernel against the reference on
 #            CUDA, at odd sizes (the timed stages check only the configs the autotuner picked, at their shapes)
 #   compile  benchmarks/compile_check.py: torch.compile(fullgraph=True, mode="reduce-overhead": CUDA graphs) of a
 #            patched tiny UNet with the Triton backend against eager, with the number of graphs recorded for
@@ -121,7 +121,7 @@ main() {
     env_report
     stage build 60 "$PY" -m hidiff_kernels.build_check --json "$OUT/build.json"
     local parallel=""
-    "$PY" -c "import xdist" 2>/dev/null && parallel="-n 8"
+    "$PY" -c "import xdist" 2>/dev/null && parallel="-p xdist -n 8"  # -p: also where plugin autoload is off
     stage parity 75 bash -c "set -o pipefail; HIDIFF_AUTOTUNE=0 '$PY' -m pytest tests/hidiff_kernels -q -rfE $parallel \
         -p no:cacheprovider -m 'not all_configs' --ignore=tests/hidiff_kernels/test_build.py 2>&1 | tee '$OUT/parity.txt'"
     # shellcheck disable=SC2086

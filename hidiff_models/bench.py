@@ -621,8 +621,9 @@ def compact_table(result) -> str:
 
 
 def write_json(result, path):
-    """Write ``result`` to ``path`` whole or not at all: a run killed mid-write keeps its last checkpoint."""
-    path = Path(path)
+    """Write ``result`` to ``path`` (through a link: to its target) whole or not at all: a run killed mid-write
+    keeps its last checkpoint."""
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(result, indent=1))

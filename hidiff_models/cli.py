@@ -178,12 +178,12 @@ def cmd_bench(args):
           f"{cfg.repeats} repeats", file=sys.stderr)
     if device == "cpu":
         print(f"{bench.CPU_LABEL}: the Triton rows need CUDA", file=sys.stderr)
-    written = []  # the checkpoints: an interrupted run says where its rows so far are
+    checkpointed = []  # an interrupted run says where the rows of the sizes it finished are
     try:
-        result = bench.run(cfg, checkpoint=lambda partial: written.append(bench.write_json(partial, json_path)))
+        result = bench.run(cfg, checkpoint=lambda partial: checkpointed.append(bench.write_json(partial, json_path)))
     except KeyboardInterrupt:
-        if written:
-            print(f"the rows timed so far: {written[-1]} (meta.partial: true)", file=sys.stderr)
+        if checkpointed:
+            print(f"the rows of the sizes finished so far: {checkpointed[-1]} (meta.partial: true)", file=sys.stderr)
         raise
     print(bench.format_table(result))
     print()
@@ -374,15 +374,13 @@ def _output_path(path):
 def _check_writable(option, path):
     """Refuse an output file that could not be written after a long run: a folder at its place, a file there
     that is not writable, a file in the way of its folder, or a folder (or the nearest existing one above it)
-    that takes no new file."""
+    that takes no new file (the bench's JSON is written beside its place, then renamed)."""
     import tempfile
 
     if os.path.isdir(path):
         raise UserError(f"{option} {path}: is a folder, not a file")
-    if os.path.exists(path):
-        if not os.access(path, os.W_OK):
-            raise UserError(f"{option} {path}: the file exists and is not writable")
-        return
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"{option} {path}: the file exists and is not writable")
     folder = os.path.dirname(os.path.realpath(path))  # a link's target's folder, which writing it needs
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)

@@ -179,7 +179,7 @@ def _run_span(call, timestep):
         # img2img strength truncation or denoising_start (pipelines that set no begin_index): the run ends at `end`
         return end - n, n
     if call.start is None:
-        t = _first_timestep(timestep, timesteps)
+        t = _call_timestep(timestep, timesteps)
         # n counted up to the cut, or past it (SDXL ControlNet pipelines): the start whose timestep is the first
         # call's; where both starts have it (a timestep PNDM repeats), the one the pipeline's own count gives
         starts = [] if n is None else [end - n, len(timesteps) - n]
@@ -191,7 +191,7 @@ def _run_span(call, timestep):
     return call.start, end - call.start
 
 
-def _first_timestep(timestep, timesteps):
+def _call_timestep(timestep, timesteps):
     """A call's timestep (its first sample's: _pipeline_step checked they agree) as an element of ``timesteps``."""
     return torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
 
@@ -203,7 +203,7 @@ def _timestep_position(timesteps, start, n, timestep, first=False):
     the run's first UNet call, or a call before the scheduler's first step() of the run, is at the first one.
     """
     run = timesteps[start : start + n]
-    t = _first_timestep(timestep, run)
+    t = _call_timestep(timestep, run)
     matches = (run == t).nonzero().flatten().tolist()
     if first and matches:
         return matches[0]

@@ -751,7 +751,8 @@ def test_denoising_step_refuses_a_step_out_of_range_naming_it(built, step, num_s
             pass
 
 
-@pytest.mark.parametrize("size", [(20, 28), (18, 26), (17, 23), (1, 11), (11, 1)])  # ceil(H/4) != H/4 at each depth
+# each leaves the x4/x2 grid at some depth (a side not divisible by 4, or an odd side halved); 1xN, Nx1 at all
+@pytest.mark.parametrize("size", [(20, 28), (18, 26), (17, 23), (1, 11), (11, 1)])
 @pytest.mark.parametrize("model", ["sd15", "sdxl"])
 def test_odd_sizes_and_batches_run_with_every_op_active(unets, monkeypatch, model, size):
     monkeypatch.setattr(adapter, "active_ops", lambda *args, **kwargs: ActiveOps(rad_conv=True, rad_pool=True))

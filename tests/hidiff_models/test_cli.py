@@ -177,6 +177,15 @@ def test_a_json_write_cut_short_keeps_the_last_checkpoint(tmp_path, monkeypatch)
     assert json.loads(path.read_text()) == {"rows": [1]}
 
 
+def test_a_json_path_that_is_a_link_is_written_through(tmp_path):
+    target = tmp_path / "results" / "bench.json"
+    target.parent.mkdir()
+    link = tmp_path / "bench.json"
+    link.symlink_to(target)
+    bench.write_json({"rows": [1]}, link)
+    assert link.is_symlink() and json.loads(target.read_text()) == {"rows": [1]}
+
+
 def test_an_interrupted_bench_says_where_its_rows_so_far_are(capsys, tmp_path, monkeypatch):
     def interrupted_run(cfg, checkpoint):
         checkpoint({"meta": {"partial": True}, "rows": [1]})
@@ -186,7 +195,7 @@ def test_an_interrupted_bench_says_where_its_rows_so_far_are(capsys, tmp_path, m
     out_json = tmp_path / "bench.json"
     code, _, err = run_main(capsys, "bench", "--device", "cpu", "--json", str(out_json))
     assert code == 130 and "Traceback" not in err
-    assert f"the rows timed so far: {out_json}" in err and err.strip().endswith("interrupted")
+    assert f"the rows of the sizes finished so far: {out_json}" in err and err.strip().endswith("interrupted")
     assert json.loads(out_json.read_text())["rows"] == [1]
 
 

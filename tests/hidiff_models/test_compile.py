@@ -10,9 +10,9 @@ import contextlib
 import logging
 import re
 
+import diffusers
 import pytest
 import torch
-import diffusers
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
 from torch._dynamo.symbolic_convert import graph_break_log
