@@ -83,6 +83,7 @@ class HiDiffusionState:
         self.retired = False  # removed, or replaced by another apply: its processors run stock attention
         self.in_call = False
         self.ops = INACTIVE  # ActiveOps of the UNet call in progress
+        self.previous_ops = INACTIVE  # of the UNet's last call: where they differ, the deep maps change size
         self.pre_pool_size = None
         self.rad_conv_site = None  # (downsampler, its conv) of RAD-conv, for LoRA convs beside the conv
         self.undo = []  # undos of the patches on modules and pipelines, undone last first
@@ -171,6 +172,9 @@ class HiDiffusionState:
         kwargs = controlnet.unet_controlnet_kwargs(kwargs)
         if self.apply_raunet:  # before the window phases: a refused call draws none from its generation's generator
             self.ops = self.raunet_ops(unet, sample, args[1] if len(args) > 1 else kwargs.get("timestep"), kwargs)
+            if self.ops != self.previous_ops:
+                _reset_stateful_hooks(unet)
+                self.previous_ops = self.ops
         if self.pinned_phase is None:
             # A call under denoising_step inside a pipeline call (from a callback) is the user's, not the generation's
             if not by_pipeline:
@@ -427,6 +431,15 @@ T2I_ADAPTER_REFUSAL = (
 ATTEND_AND_EXCITE_REFUSAL = (
     "HiDiffusion's RAU-Net changes the sizes of the attention maps that Attend-and-Excite aggregates (attn_res), "
     "so it cannot run with that pipeline")
+
+
+def _reset_stateful_hooks(unet):
+    """Reset the state of diffusers' stateful hooks on the UNet's modules (Pyramid Attention Broadcast's cached
+    attention outputs): what they cached was computed at the deep maps' other size."""
+    for module in unet.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None and hasattr(registry, "reset_stateful_hooks"):
+            registry.reset_stateful_hooks()
 
 
 def _by_name(unet, args, kwargs):

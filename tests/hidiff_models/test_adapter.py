@@ -218,6 +218,31 @@ def test_layer_skip_hooks_set_after_apply_skip_window_attention(built, skip, bac
     assert not torch.allclose(outputs[True, True], outputs[True, False], atol=1e-3)
 
 
+def test_pyramid_attention_broadcast_recomputes_at_a_rau_net_size_change(built):
+    # Pyramid Attention Broadcast replays each attention's cached output on the steps it skips; at a RAU-Net phase
+    # change the deep maps change size, so the adapter resets diffusers' stateful hooks there (it was a shape
+    # error). Skipping 2 of every 3 steps, step 4 (SD1.5's RAD-conv ends at int(10 * 0.4)) would replay step 3's.
+    pab = pytest.importorskip("diffusers.hooks.pyramid_attention_broadcast")
+    n = 10
+    config = pab.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=3,
+                                                 spatial_attention_timestep_skip_range=(-1, 1000),
+                                                 current_timestep_callback=lambda: 500)
+    x, context = torch.randn(1, 4, 16, 16), torch.randn(1, 7, 32)
+    outputs = {}
+    for broadcast in (False, True):
+        unet = copy.deepcopy(built["sd15"])
+        apply_hidiffusion(unet, backend="torch", window_shift=0)
+        if broadcast:
+            pab.apply_pyramid_attention_broadcast(unet, config)
+        for step in range(n):
+            with denoising_step(unet, step, n), torch.no_grad():
+                outputs[broadcast, step] = unet(x, 999 - 99 * step, context, return_dict=False)[0]
+    for step in (0, 4):  # the first call, and the first after the size change: computed, not replayed
+        torch.testing.assert_close(outputs[True, step], outputs[False, step], atol=1e-5, rtol=1e-5)
+    for step in (1, 5):  # replayed
+        assert not torch.allclose(outputs[True, step], outputs[False, step], atol=1e-4)
+
+
 # The transformers are called with diffusers' default return_dict=True so that the wrappers' output-object path is
 # covered (the UNet itself takes the tuple path); that default output class is deprecated in diffusers.
 @pytest.mark.filterwarnings("ignore:`Transformer2DModelOutput` is deprecated:FutureWarning")
