@@ -100,7 +100,9 @@ def install_fused_upsample(upsampler, state):
 
 def _fused_upsample_forward(state, upsampler, previous, hidden_states, output_size=None, *args, **kwargs):
     conv = upsampler.conv
-    if args or kwargs or not _bare_conv(conv):
+    # previous is Upsample2D.forward itself unless a wrapper was set on the instance before apply: that runs
+    wrapped = getattr(previous, "__func__", None) is not type(upsampler).forward
+    if args or kwargs or wrapped or not _bare_conv(conv):
         return previous(hidden_states, output_size, *args, **kwargs)
     upsample_conv = kernel_op("upsample_conv", state.backend, hidden_states.device)
     if output_size is None:

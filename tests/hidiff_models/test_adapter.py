@@ -1,5 +1,6 @@
 """apply_hidiffusion on bare tiny UNets: MSW-MSA and RAU-Net values, sizes, restoration, refusals."""
 import copy
+import functools
 import io
 import math
 import re
@@ -305,6 +306,27 @@ def test_upsamplers_match_diffusers_bit_for_bit(unets, monkeypatch):
         x = torch.randn(2, module(unet, name).channels, 3, 5)
         assert torch.equal(module(unet, name)(x, (7, 9)), module(original, name)(x, (7, 9)))
         assert seen == [(2, x.shape[1], 7, 9)] and len(fused_calls) == len(names) * len(sizes)
+
+
+def test_upsampler_forward_wrapped_before_apply_still_runs(unets):
+    # A forward wrapper set on an Upsample2D instance (as hook libraries set them) before apply is what the fused
+    # override finds as the previous forward: it runs, and with it diffusers' own path.
+    unet = unets["sd15"]
+    name = "up_blocks.1.upsamplers.0"
+    upsampler = module(unet, name)
+    seen = []
+
+    def wrapper(forward, hidden_states, *args, **kwargs):
+        seen.append(hidden_states.shape)
+        return forward(hidden_states, *args, **kwargs)
+
+    upsampler.forward = functools.partial(wrapper, upsampler.forward)
+    original = copy.deepcopy(unet)
+    apply_hidiffusion(unet, backend="torch")
+    x = torch.randn(2, upsampler.channels, 3, 5)
+    with torch.no_grad():
+        assert torch.equal(upsampler(x, (7, 9)), module(original, name)(x, (7, 9)))
+    assert seen == [x.shape] * 2
 
 
 def feature_sizes(unet, names):
