@@ -12,3 +12,9 @@ def uses_triton(backend, device) -> bool:
 def kernel_op(name, backend, device):
     """Op ``name`` of hidiff_kernels (Triton) or hidiff_kernels.reference (PyTorch) for tensors on ``device``."""
     return getattr(hidiff_kernels if uses_triton(backend, device) else reference, name)
+
+
+def is_wrapped(module) -> bool:
+    """Whether something runs around ``module``'s forward: torch hooks, or a forward set on the instance (diffusers'
+    HookRegistry, accelerate's offload hooks)."""
+    return "forward" in module.__dict__ or bool(module._forward_pre_hooks or module._forward_hooks)

@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import (
 from hidiff_kernels import msw_attention
 from hidiff_kernels.ops.window_gather import window_ordered_attention, window_token_order
 
-from .ops import uses_triton
+from .ops import is_wrapped, uses_triton
 
 
 class WindowAttnProcessor:
@@ -107,26 +107,38 @@ def window_attention(attn, hidden_states, size, shift, fused):
     """attn1's projections around MSW-MSA, up to its output projection (no dropout or residual).
 
     fused: the msw_attention kernel on the tokens in place (Triton backend). Otherwise (torch backend) the
-    tokens are gathered in window order before the projections (they act per token), attend per window with
-    SDPA, and are scattered back after the output projection: two copies of the map where the original's
-    roll/partition makes four.
+    tokens are gathered in window order, attend per window with SDPA, and are scattered back. The projections
+    act per token, so the map is gathered before them and scattered after the output projection: two copies of
+    the map where the original's roll/partition makes four. Where a hook wraps a projection it may read the
+    tokens as a map (Smoothed Energy Guidance blurs the query), so they run on the tokens in map order.
     """
     if fused:
-        x = hidden_states
-    else:
-        order, counts = window_token_order(size, shift, hidden_states.device)
-        x = hidden_states.index_select(1, order)
+        q, k, v = _project_qkv(attn, hidden_states)
+        out = msw_attention(q, k, v, size, shift, scale=attn.scale)
+        return attn.to_out[0](out.flatten(2).to(q.dtype))
+    order, counts = window_token_order(size, shift, hidden_states.device)
+    if not any(is_wrapped(p) for p in (attn.to_q, attn.to_k, attn.to_v, attn.to_out[0])):
+        q, k, v = _project_qkv(attn, hidden_states.index_select(1, order))
+        out = attn.to_out[0](window_ordered_attention(q, k, v, counts, attn.scale).flatten(2).to(q.dtype))
+        return _unorder(out, order)
+    q, k, v = (t.index_select(1, order) for t in _project_qkv(attn, hidden_states))
+    out = window_ordered_attention(q, k, v, counts, attn.scale).flatten(2).to(q.dtype)
+    return attn.to_out[0](_unorder(out, order))
+
+
+def _project_qkv(attn, x):
+    """q, k, v [B, N, heads, head_dim] of tokens x [B, N, C], with the attention's q/k norms."""
     q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:
         k = attn.norm_k(k)
-    if fused:
-        out = msw_attention(q, k, v, size, shift, scale=attn.scale)
-    else:
-        out = window_ordered_attention(q, k, v, counts, attn.scale)
-    out = attn.to_out[0](out.flatten(2).to(q.dtype))
-    return out if fused else torch.empty_like(out).index_copy_(1, order, out)
+    return q, k, v
+
+
+def _unorder(tokens, order):
+    """Tokens [B, N, ...] in window order back in map order."""
+    return torch.empty_like(tokens).index_copy_(1, order, tokens)
 
 
 def shift_for_phase(h, w, phase):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import kernel_op
+from .ops import is_wrapped, kernel_op
 
 # Added to unet.num_upsamplers so that 2**num_upsamplers divides no latent size: the UNet then always
 # forwards the skip connection's size to its upsamplers (RAU-upsample).
@@ -89,8 +89,7 @@ def is_plain_upsampler(module) -> bool:
 def _bare_conv(conv):
     """Whether nothing wraps or hooks the conv (no LoRA layer, no offload hook bringing its weights in): only
     then may the fused op read its weights without calling it; otherwise diffusers' interpolate + conv runs."""
-    return type(conv) is nn.Conv2d and "forward" not in conv.__dict__ and not (
-        conv._forward_pre_hooks or conv._forward_hooks)
+    return type(conv) is nn.Conv2d and not is_wrapped(conv)
 
 
 def install_fused_upsample(upsampler, state):

@@ -244,6 +244,31 @@ def test_pyramid_attention_broadcast_recomputes_at_a_rau_net_size_change(built):
         assert not torch.allclose(outputs[True, step], outputs[False, step], atol=1e-4)
 
 
+@pytest.mark.parametrize("wrap", ["forward hook", "instance forward"])
+def test_torch_backend_projections_see_tokens_in_map_order_under_a_hook(wrap):
+    # A hook on a projection may read the tokens as a map (Smoothed Energy Guidance blurs the query, through
+    # diffusers' HookRegistry, which sets the instance's forward): the torch backend, which otherwise projects
+    # the tokens in window order, projects them in map order then. The hook here shifts each query one token on.
+    from diffusers.models.attention_processor import Attention
+
+    from hidiff_models.processors import shift_for_phase, window_attention
+
+    attn = Attention(query_dim=24, heads=3, dim_head=8).eval()
+    hw, shift = (8, 12), shift_for_phase(8, 12, 1)
+    x = torch.randn(2, hw[0] * hw[1], 24)
+    with torch.no_grad():
+        q, k, v = (proj(x).unflatten(-1, (3, 8)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        expected = attn.to_out[0](reference.msw_attention(q.roll(1, 1), k, v, hw, shift, attn.scale).flatten(2))
+        unhooked = window_attention(attn, x, hw, shift, fused=False)
+        if wrap == "forward hook":
+            attn.to_q.register_forward_hook(lambda module, args, out: out.roll(1, 1))
+        else:
+            attn.to_q.forward = functools.partial(lambda forward, x: forward(x).roll(1, 1), attn.to_q.forward)
+        hooked = window_attention(attn, x, hw, shift, fused=False)
+    torch.testing.assert_close(hooked, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hooked, unhooked, atol=1e-3)
+
+
 # The transformers are called with diffusers' default return_dict=True so that the wrappers' output-object path is
 # covered (the UNet itself takes the tuple path); that default output class is deprecated in diffusers.
 @pytest.mark.filterwarnings("ignore:`Transformer2DModelOutput` is deprecated:FutureWarning")
