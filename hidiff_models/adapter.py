@@ -22,7 +22,9 @@ from hidiff_kernels import triton_runs_on
 
 from . import controlnet, raunet, steps
 from .ops import BACKENDS
-from .processors import PAG_CHUNKS, PerturbedWindowAttnProcessor, WindowAttnProcessor, register_for_layer_skip
+from .processors import (
+    PAG_CHUNKS, PerturbedWindowAttnProcessor, WindowAttnProcessor, register_for_layer_skip, scores_skip_hooked,
+)
 from .schedule import MODEL_TYPES, ActiveOps, active_ops, checkpoint_name, named_model_type
 
 STATE_ATTR = steps.STATE_ATTR
@@ -154,6 +156,7 @@ class HiDiffusionState:
                              "pipeline sharing it): call apply_hidiffusion(pipe) again")
         sample = args[0] if args else kwargs["sample"]
         for attn, processor in self.window_sites:
+            processor.scores_skip_hooked = scores_skip_hooked(attn)
             if _is_unbound_window_processor(attn.processor):
                 attn.set_processor(processor)
             elif type(attn.processor) in PAG_CHUNKS:  # a PAG pipeline perturbs this block: compose, put back after
@@ -215,6 +218,7 @@ class HiDiffusionState:
         self.ops = INACTIVE
         for _, processor in self.window_sites:
             processor.phase = None
+            processor.scores_skip_hooked = False
         self.pre_pool_size = None
 
 

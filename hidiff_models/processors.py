@@ -29,6 +29,7 @@ class WindowAttnProcessor:
     def __init__(self, state=None):
         self.state = state  # None: unbound
         self.phase = None  # this block's window phase drawn for the UNet call in progress (see state.phase)
+        self.scores_skip_hooked = False  # for the UNet call in progress: see scores_skip_hooked()
         self.feature_size = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
@@ -48,7 +49,8 @@ class WindowAttnProcessor:
             raise RuntimeError(f"HiDiffusion window attention: feature map {h}x{w} does not match {tokens} tokens")
 
         shift = shift_for_phase(h, w, self.state.phase(self))
-        fused = uses_triton(self.state.backend, hidden_states.device) and not _attention_scores_skipped()
+        fused = uses_triton(self.state.backend, hidden_states.device) and not (
+            self.scores_skip_hooked or _attention_scores_skipped())
         out = window_attention(attn, hidden_states, (h, w), shift, fused)
         out = attn.to_out[1](out)  # dropout
         if attn.residual_connection:
@@ -68,10 +70,17 @@ def register_for_layer_skip():
         pass
 
 
+def scores_skip_hooked(attn):
+    """Whether a diffusers layer-skip hook on ``attn`` replaces its attention scores (the PAG guider's identity
+    attention): it intercepts F.scaled_dot_product_attention, which the torch path calls per window and the fused
+    kernel does not. Read eagerly before each UNet call, so that a compiled forward guards on the answer."""
+    registry = getattr(attn, "_diffusers_hook", None)
+    return any(getattr(hook, "skip_attention_scores", False) for hook in getattr(registry, "hooks", {}).values())
+
+
 def _attention_scores_skipped():
-    """Whether a diffusers layer-skip hook replaces the attention scores (the PAG guider's identity attention): it
-    intercepts F.scaled_dot_product_attention, which the torch path calls per window and the fused kernel does
-    not. Not checked while torch.compile traces (the fused kernel runs there)."""
+    """Whether a score skip's function mode is active around this call (the layer-skip hook's, or one pushed by
+    hand): seen eagerly only, not while torch.compile traces."""
     if torch.compiler.is_compiling():
         return False
     modes = torch.overrides._get_current_function_mode_stack()
@@ -128,7 +137,7 @@ def window_attention(attn, hidden_states, size, shift, fused):
 
 def _project_qkv(attn, x):
     """q, k, v [B, N, heads, head_dim] of tokens x [B, N, C], with the attention's q/k norms."""
-    q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    q, k, v = (proj(x).reshape(*x.shape[:-1], attn.heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
     if attn.norm_q is not None:
         q = attn.norm_q(q)
     if attn.norm_k is not None:

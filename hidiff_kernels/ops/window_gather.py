@@ -36,7 +36,7 @@ def window_ordered_attention(q, k, v, counts, scale):
     """Attention within each window of window-ordered q, k, v [B, N, heads, head_dim]; same order out."""
     if len(set(counts)) == 1:  # four equal windows (even H and W): one batched call
         def windows(t):  # [4B, heads, n, d]: 4-D, or CPU SDPA falls back to its slow math path
-            return t.unflatten(1, (4, counts[0])).flatten(0, 1).transpose(1, 2)
+            return t.reshape(-1, counts[0], *t.shape[2:]).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), scale=scale)
         return out.transpose(1, 2).reshape(q.shape)

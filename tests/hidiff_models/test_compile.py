@@ -23,7 +23,7 @@ from hidiff_models import apply_hidiffusion, denoising_step
 from hidiff_models.configs import POOLED_TEXT_DIM, build_unet
 from hidiff_models.schedule import active_ops
 
-from conftest import relative_error
+from conftest import relative_error, requires_interpreter
 
 NUM_STEPS = 10
 STEPS = range(2, 6)  # steps 0-3 run RAD-conv (T1 = int(0.4 * 10)), steps 4-5 run no RAU-Net op
@@ -181,6 +181,31 @@ def test_pag_composition_compiles_once():
             expected = run(eager, eager, step, batch=3)
             assert relative_error(run(compiled, traced, step, batch=3), expected) < 1e-5, step
     assert not breaks.locations and len(backend.graphs) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_interpreter)])
+def test_layer_skip_of_attention_scores_under_compile(backend):
+    # The PAG and skip-layer guiders of modular pipelines hook a block's attention for some UNet calls, and the
+    # hook's function mode replaces the scores inside SDPA. The adapter reads the hooks before each call, so the
+    # compiled forward guards on them: a hooked window block takes the torch path (SDPA) on either backend.
+    layer_skip = pytest.importorskip("diffusers.hooks.layer_skip")
+    config = layer_skip.LayerSkipConfig(indices=[0], fqn="transformer_blocks", skip_attention=False,
+                                        skip_attention_scores=True, skip_ff=False)
+    eager, traced = (apply_hidiffusion(build_unet("sd15", "tiny", seed=1), backend=backend, window_shift=1)
+                     for _ in "ab")
+    compiled = torch.compile(traced, backend=CountingBackend(), fullgraph=True)
+    step = NUM_STEPS - 1
+    plain = run(eager, eager, step)
+    for unet in (eager, traced):
+        layer_skip.apply_layer_skip(unet.up_blocks[3].attentions[0], config)
+    skipped = run(eager, eager, step)
+    assert relative_error(skipped, plain) > 1e-2
+    with recorded_graph_breaks() as breaks:
+        assert relative_error(run(compiled, traced, step), skipped) < 1e-5
+        hooked = traced.up_blocks[3].attentions[0].transformer_blocks[0].attn1
+        hooked._diffusers_hook.remove_hook(layer_skip._LAYER_SKIP_HOOK)
+        assert relative_error(run(compiled, traced, step), plain) < 1e-5
+    assert not breaks.locations
 
 
 def test_reapply_and_remove_after_compile_and_no_apply_after_compile():
