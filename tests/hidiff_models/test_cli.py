@@ -87,7 +87,7 @@ def test_generate_folder_without_weights(capsys, tmp_path):
     assert_one_line_error(code, err, "no UNet weights")
 
 
-def test_generate_rejects_bad_files_and_sizes(capsys, tmp_path):
+def test_generate_rejects_bad_files_and_sizes(capsys, tmp_path, monkeypatch):
     bogus = tmp_path / "model.safetensors"
     bogus.write_bytes(b"not a safetensors file")
     code, _, err = run_main(capsys, "generate", "--model", str(bogus), "--prompt", "x")
@@ -109,7 +109,11 @@ def test_generate_rejects_bad_files_and_sizes(capsys, tmp_path):
     code, _, err = run_main(capsys, "generate", "--model", str(no_unet), "--prompt", "x")
     assert_one_line_error(code, err, "no Stable Diffusion UNet weights")
 
-    # A single file needs its configs from the hub cache: offline and uncached, a clear refusal, no download.
+    # A single file needs its configs from the hub cache: offline and uncached (an empty cache, whatever this
+    # machine holds), a clear refusal, no download.
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
     single = tmp_path / "sd.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)}, str(single))
     code, _, err = run_main(capsys, "generate", "--model", str(single), "--prompt", "x", "--height", "64",
