@@ -76,10 +76,11 @@ def set_lora_down_geometry(downsampler, conv, rad_conv):
 
 
 def is_plain_upsampler(module) -> bool:
-    """An Upsample2D that is exactly nearest-interpolate then a 3x3 conv (padding 1): the fused op's pattern."""
+    """An Upsample2D that is exactly nearest-interpolate then a 3x3 conv (padding 1): the fused op's pattern. Not
+    one with a forward wrapper set on the instance (as hook libraries set them): diffusers' path runs in it."""
     conv = getattr(module, "conv", None)
     return (
-        type(module).__name__ == "Upsample2D"
+        type(module).__name__ == "Upsample2D" and "forward" not in module.__dict__
         and module.use_conv and not module.use_conv_transpose and module.interpolate and module.norm is None
         and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
         and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
@@ -99,9 +100,7 @@ def install_fused_upsample(upsampler, state):
 
 def _fused_upsample_forward(state, upsampler, previous, hidden_states, output_size=None, *args, **kwargs):
     conv = upsampler.conv
-    # previous is Upsample2D.forward itself unless a wrapper was set on the instance before apply: that runs
-    wrapped = getattr(previous, "__func__", None) is not type(upsampler).forward
-    if args or kwargs or wrapped or not _bare_conv(conv):
+    if args or kwargs or not _bare_conv(conv):
         return previous(hidden_states, output_size, *args, **kwargs)
     upsample_conv = kernel_op("upsample_conv", state.backend, hidden_states.device)
     if output_size is None:

@@ -334,8 +334,8 @@ def test_upsamplers_match_diffusers_bit_for_bit(unets, monkeypatch):
 
 
 def test_upsampler_forward_wrapped_before_apply_still_runs(unets):
-    # A forward wrapper set on an Upsample2D instance (as hook libraries set them) before apply is what the fused
-    # override finds as the previous forward: it runs, and with it diffusers' own path.
+    # An Upsample2D instance with a forward wrapper set before apply (as hook libraries set them) gets no fused
+    # override: the wrapper runs, and with it diffusers' own path.
     unet = unets["sd15"]
     name = "up_blocks.1.upsamplers.0"
     upsampler = module(unet, name)
