@@ -27,9 +27,10 @@ class PipelineCall:
     controlnet_text_to_image: bool
     denoising_end: object  # the call's argument (SDXL pipelines): where the run stops
     blocks_before: int  # denoising_step blocks open when the call began: not the call's
-    # Where the run starts in the scheduler's timesteps, where neither _num_timesteps nor begin_index tells (no n
-    # published, or a denoising_end cut): found once, at the call's first UNet (or ControlNet) call
-    start: int | None = None
+    # Where the run may start in the scheduler's timesteps, where neither _num_timesteps nor begin_index tells (no n
+    # published, or a denoising_end cut): found at the call's first UNet (or ControlNet) call; two starts only
+    # where that call's timestep is one PNDM runs twice in a row, until its next step tells which (_run_span)
+    starts: tuple = ()
     end: int | None = None  # where a denoising_end cut ends it: found once (a device sync)
 
 
@@ -178,7 +179,7 @@ def _run_span(call, timestep):
     if n is not None and end == len(timesteps):
         # img2img strength truncation or denoising_start (pipelines that set no begin_index): the run ends at `end`
         return end - n, n
-    if call.start is None:
+    if not call.starts:
         t = _call_timestep(timestep, timesteps)
         # n counted up to the cut, or past it (SDXL ControlNet pipelines): the start whose timestep is the first
         # call's; where both starts have it (a timestep PNDM repeats), the one the pipeline's own count gives
@@ -187,8 +188,16 @@ def _run_span(call, timestep):
             starts.reverse()
         starts = [s for s in starts if 0 <= s < end]
         known = [s for s in starts if timesteps[s] == t]
-        call.start = known[0] if known else _timestep_position(timesteps, 0, end, timestep, first=True)
-    return call.start, end - call.start
+        first = known[0] if known else _timestep_position(timesteps, 0, end, timestep, first=True)
+        twice = not known and _is_pndm(scheduler) and first + 1 < end and timesteps[first + 1] == t
+        call.starts = (first, first + 1) if twice else (first,)
+    elif len(call.starts) > 1:
+        # PNDM counts the run's steps: its call at count c is at timesteps[start + c]. Until a step tells the two
+        # starts apart (the run's second), the first is taken: n one too large changes an op at step 0 only in a
+        # run of under 7 steps (the smallest ratio, 8/50, takes int(n * ratio) from 0 to 1 at n = 7).
+        t, c = _call_timestep(timestep, timesteps), scheduler.counter
+        call.starts = tuple(s for s in call.starts if s + c < end and timesteps[s + c] == t) or call.starts
+    return call.starts[0], end - call.starts[0]
 
 
 def _call_timestep(timestep, timesteps):

@@ -514,6 +514,28 @@ def test_modular_pipeline_runs_the_schedule_of_the_classic_pipeline_for_the_same
         assert schedule_log[::2] == schedule_log[1::2] == expected, task
 
 
+@pytest.mark.parametrize("prk_steps", [False, True], ids=["plms", "prk"])
+def test_modular_pndm_run_starting_on_a_repeated_timestep(parts, schedule_log, prk_steps):
+    # PNDM runs timesteps twice in a row (PLMS its second, PRK several): at 10 steps, strength 0.85 starts the run
+    # on the second copy, which a modular pipeline (it publishes no step count) does not tell. PNDM's next step
+    # tells: from there on each call gets the classic pipeline's n; at step 0 n may be one too large.
+    classic = sdxl_pipe(parts)
+    classic.scheduler = PNDMScheduler(skip_prk_steps=not prk_steps)
+    modular = apply_hidiffusion(modular_sdxl_pipeline(classic.components), backend="torch")
+    img2img = apply_hidiffusion(StableDiffusionXLImg2ImgPipeline.from_pipe(classic), backend="torch")
+    image = torch.rand(1, 3, 64, 64)
+    generate(img2img, steps=10, image=image, strength=0.85)
+    expected = [(s, n) for s, n, _ in schedule_log]
+    n = expected[0][1]
+    assert expected == [(s, n) for s in range(n)]
+    schedule_log.clear()
+    modular(prompt=PROMPT, height=64, width=64, num_inference_steps=10, output="latents", image=image,
+            strength=0.85)
+    calls = [(s, m) for s, m, _ in schedule_log]
+    assert {s for s, _ in calls} == set(range(n))
+    assert all(m == n for s, m in calls if s > 0) and all(m in (n, n + 1) for s, m in calls if s == 0)
+
+
 def test_modular_pipeline_given_a_unet_after_apply_warns(parts):
     modular = modular_sdxl_pipeline(sdxl_pipe(parts).components)
     apply_hidiffusion(modular, backend="torch")
